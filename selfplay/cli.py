@@ -1,0 +1,75 @@
+"""The `selfplay` command line: one subcommand per job; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from selfplay.config import Config, UserError, load_config
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. learner.lr=3e-4 world.seed=7")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, list(args.overrides))
+
+
+# --- world -----------------------------------------------------------------------------------
+
+
+def _cmd_world_sample(args: argparse.Namespace) -> int:
+    from selfplay.world import commands
+
+    return commands.sample(_config(args), n=args.n, seed=args.seed, mode=args.mode)
+
+
+def _cmd_world_grade(args: argparse.Namespace) -> int:
+    from selfplay.world import commands
+
+    return commands.grade(_config(args), path=args.file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfplay",
+        description="Reinforcement-learning self-play for language models, in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    world = sub.add_parser("world", help="the embedded essay world: sample human essays, grade essays")
+    wsub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
+    ws = wsub.add_parser("sample", help="print N human-corpus essays as JSON lines with their gold scores")
+    ws.add_argument("--n", type=int, default=5)
+    ws.add_argument("--seed", type=int, default=None, help="sampling seed (default: world.seed)")
+    ws.add_argument("--mode", choices=["grounded", "closed", "mixed"], default="mixed")
+    _add_config_args(ws)
+    ws.set_defaults(fn=_cmd_world_sample)
+    wg = wsub.add_parser("grade", help="grade JSON lines {prompt, essay} with the gold grader")
+    wg.add_argument("file", help="JSONL file with one {\"prompt\": ..., \"essay\": ...} per line ('-' for stdin)")
+    _add_config_args(wg)
+    wg.set_defaults(fn=_cmd_world_grade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return int(fn(args) or 0)
+    except UserError as e:
+        print(f"selfplay: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("selfplay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

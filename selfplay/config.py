@@ -1,0 +1,457 @@
+"""The typed config tree (model, actor, critic, learner, world, pretrain, run, mesh) and its strict loader.
+
+YAML files plus dotted command-line overrides; unknown keys, wrong types and bad YAML are `ConfigError`s
+that name the culprit (dotted key, expected type, file and line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class UserError(Exception):
+    """An error caused by the user's input: the CLI prints it without a traceback and exits non-zero."""
+
+
+class ConfigError(UserError):
+    """A config file or override is wrong; the message names the dotted key or the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The tree. Every field has a default so that a YAML file only states what differs.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+    vocab_size: int = 1024
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 384
+    max_seq_len: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2 has biases on q, k, v
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def validate(self, prefix: str) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"{prefix}.n_heads ({self.n_heads}) must be a multiple of {prefix}.n_kv_heads ({self.n_kv_heads})"
+            )
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ConfigError(f"{prefix}.d_model ({self.d_model}) must be divisible by {prefix}.n_heads ({self.n_heads})")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"{prefix}.head_dim must be even for rotary embeddings, got {self.resolved_head_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+    """The sampler: how the policy writes essays."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False
+    max_new_tokens: int = 128
+    prompt_buckets: tuple[int, ...] = (64, 128)  # prompts are left-padded to the smallest bucket that fits
+    too_long_prompt: Literal["error", "truncate"] = "error"  # truncate keeps the prompt's last tokens
+    samples_per_prompt: int = 4  # G
+    prompts_per_round: int = 16
+
+    def validate(self, prefix: str) -> None:
+        if self.temperature <= 0 and not self.greedy:
+            raise ConfigError(f"{prefix}.temperature must be > 0 (or set {prefix}.greedy=true), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"{prefix}.top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"{prefix}.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.prompt_buckets or list(self.prompt_buckets) != sorted(set(self.prompt_buckets)):
+            raise ConfigError(f"{prefix}.prompt_buckets must be non-empty and strictly increasing, got {list(self.prompt_buckets)}")
+        if self.samples_per_prompt < 1 or self.prompts_per_round < 1:
+            raise ConfigError(f"{prefix}.samples_per_prompt and {prefix}.prompts_per_round must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlawRates:
+    """Per-essay probabilities that a simulated human writer makes each kind of mistake."""
+
+    omit_fact: float = 0.15  # per asked fact: left out
+    wrong_fact: float = 0.08  # per stated fact: a value that contradicts the sheet / fact base
+    unsupported_fact: float = 0.25  # per essay: a claim about an attribute the sheet does not give
+    repeat_sentence: float = 0.15  # per essay: one sentence said twice
+    off_topic: float = 0.1  # per essay: a sentence about another entity
+    no_conclusion: float = 0.15  # per essay: the conclusion is missing
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """The embedded essay world: fact base, prompts, human corpus, gold grader, labeller."""
+
+    seed: int = 0
+    n_entities: int = 300
+    corpus_size: int = 3000  # human essays used for SFT and the tokenizer
+    grounded_fraction: float = 0.75  # share of prompts with a fact sheet; the rest are closed-book
+    min_sheet_facts: int = 2
+    max_sheet_facts: int = 5
+    flaws: FlawRates = FlawRates()
+    tokenizer_vocab_size: int = 1024
+
+    def validate(self, prefix: str) -> None:
+        if not 2 <= self.min_sheet_facts <= self.max_sheet_facts <= 5:
+            raise ConfigError(
+                f"{prefix}.min_sheet_facts/max_sheet_facts must satisfy 2 <= min <= max <= 5, "
+                f"got {self.min_sheet_facts}, {self.max_sheet_facts}"
+            )
+        if not 0.0 <= self.grounded_fraction <= 1.0:
+            raise ConfigError(f"{prefix}.grounded_fraction must be in [0, 1], got {self.grounded_fraction}")
+        for f in dataclasses.fields(FlawRates):
+            v = getattr(self.flaws, f.name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{prefix}.flaws.{f.name} must be a probability in [0, 1], got {v}")
+        if self.n_entities < 8:
+            raise ConfigError(f"{prefix}.n_entities must be >= 8, got {self.n_entities}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised next-token training of the initial (SFT) policy on the human corpus."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    heldout_fraction: float = 0.05
+    sample_essays: int = 32  # essays sampled and graded at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticConfig:
+    """The learned reward model (Bradley-Terry), optionally an ensemble."""
+
+    model: ModelConfig = ModelConfig(d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
+    init_from_policy: bool = False
+    ensemble_size: int = 1
+    combine: Literal["mean", "min", "mean_minus_std"] = "mean"
+    uncertainty_coef: float = 1.0  # lambda in mean - lambda * std
+    bootstrap: bool = False
+    label_budget: int = 2000
+    label_noise: float = 0.0
+    margin: float = 0.0
+    centering_coef: float = 0.0
+    lr: float = 1e-3
+    steps: int = 300
+    batch_size: int = 32
+    refresh_every: int = 0  # rounds; 0: never
+    refresh_budget: int = 64
+    refresh_steps: int = 20
+    normalize: bool = True
+
+    def validate(self, prefix: str) -> None:
+        self.model.validate(prefix + ".model")
+        if self.ensemble_size < 1:
+            raise ConfigError(f"{prefix}.ensemble_size must be >= 1, got {self.ensemble_size}")
+        if not 0.0 <= self.label_noise <= 0.5:
+            raise ConfigError(f"{prefix}.label_noise must be in [0, 0.5], got {self.label_noise}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """The policy-gradient learner (GRPO, RLOO, REINFORCE++, PPO) and its optax chain."""
+
+    algorithm: Literal["grpo", "rloo", "reinforce_pp", "ppo"] = "grpo"
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    epochs: int = 1
+    minibatches: int = 1
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    loss_agg: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
+    std_normalize: bool = True  # GRPO's division by the group std (Dr. GRPO: false)
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_in_reward: bool = False  # fold KL into the reward (PPO style) instead of a loss term
+    adaptive_kl: bool = False
+    kl_target: float = 0.1
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    adv_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The run: seed, rounds and how often to log, refresh and checkpoint."""
+
+    seed: int = 0
+    rounds: int = 40
+    log_every: int = 1
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    eval_prompts: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the logical-axis -> mesh-axis rules (-1: all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    actor: ActorConfig = ActorConfig()
+    critic: CriticConfig = CriticConfig()
+    learner: LearnerConfig = LearnerConfig()
+    world: WorldConfig = WorldConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    run: RunConfig = RunConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML -> nested dicts -> dataclasses, checking every key and type on the way.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: YAML error: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type (int -> float only)."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, base: Any = None) -> Any:
+    """A `cls` instance: `base` (default: `cls()`) with the keys of `data` checked and replaced."""
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            # A section given in part keeps its parent's defaults for the rest.
+            kwargs[k] = _build(hints[k], v, key, getattr(base, k))
+        else:
+            kwargs[k] = _coerce(v, hints[k], key)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["learner.lr=3e-4", "world.seed=7"]` -> nested dict with YAML-typed values."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        _set_dotted(tree, key, _parse_yaml(raw, f"override {key}") if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "").validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        loaded = _parse_yaml(text, str(p))
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level of a config must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config as `RUN_DIR/config.yaml` (atomically), so the run can be repeated."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text("# Resolved config of this run; repeat it with: selfplay <cmd> --config " + str(path) + "\n" + dump_config(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Models: the decoder-only transformer, scalar heads, Hugging Face import/export."""
