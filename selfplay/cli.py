@@ -24,15 +24,17 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_world_sample(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from selfplay.world import commands
 
-    return commands.sample(_config(args), n=args.n, seed=args.seed, mode=args.mode)
+    return commands.sample(cfg, n=args.n, seed=args.seed, mode=args.mode)
 
 
 def _cmd_world_grade(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from selfplay.world import commands
 
-    return commands.grade(_config(args), path=args.file)
+    return commands.grade(cfg, path=args.file)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,154 @@
+"""Checkpoints: the only module that imports orbax.
+
+One `Checkpointer` per directory wraps an orbax `CheckpointManager` with two items per step: `state`
+(a pytree of arrays) and `meta` (JSON: counters, RNG states of host-side generators, data position).
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when
+complete); a state with NaN/Inf is refused, so a bad step never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from selfplay.config import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or would be unsafe to write; the message names the path."""
+
+
+def tree_is_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of `tree` is free of NaN and Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    if not leaves:
+        return True
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+class Checkpointer:
+    """Keeps the last `keep_last` steps of a directory, plus the best by `best_metric` when given."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        policies: list[Any] = [pp.LatestN(n=keep_last)]
+        if best_metric is not None:
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda metrics: float(metrics[best_metric]),
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            # best_fn makes orbax write each step's metrics; the preservation policy decides what stays.
+            best_fn=(lambda metrics: float(metrics[best_metric])) if best_metric is not None else None,
+            best_mode=best_mode,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, meta: dict | None = None, metrics: dict | None = None) -> None:
+        """Start an asynchronous save of `state` at `step`; refuses a state containing NaN/Inf."""
+        if not tree_is_finite(state):
+            raise CheckpointError(
+                f"refusing to save step {step} to {self.directory}: the state holds NaN/Inf; the last good checkpoint is kept"
+            )
+        clean_metrics = None
+        if metrics is not None:
+            clean_metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
+            metrics=clean_metrics,
+            force=True,
+        )
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric` (None without a metric)."""
+        if self.best_metric is None:
+            return None
+        self._manager.reload()
+        return self._manager.best_step()
+
+    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+        """Restore (state, meta) at `step` (default: latest). `target` (arrays or ShapeDtypeStructs,
+        with shardings where wanted) fixes the tree structure, dtypes and placement."""
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (available: {steps or 'none'})")
+        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from None
+        return restored["state"], dict(restored["meta"] or {})
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def save_once(directory: str | Path, state: Any, meta: dict | None = None, step: int = 0) -> None:
+    """Write one synchronous checkpoint (e.g. the SFT policy) and wait for it."""
+    with Checkpointer(directory, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(step, state, meta)
+
+
+def restore_latest(directory: str | Path, target: Any = None) -> tuple[Any, dict, int]:
+    """(state, meta, step) of the latest complete checkpoint in `directory`."""
+    with Checkpointer(directory, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {Path(directory).absolute()}")
+        state, meta = ckpt.restore(step, target)
+        return state, meta, step

@@ -1,0 +1,64 @@
+"""Orbax checkpoints: keep-last-N plus best, NaN refusal, exact restore, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfplay.checkpoint import CheckpointError, Checkpointer, restore_latest, save_once, tree_is_finite
+
+
+def _state(s: int) -> dict:
+    return {"w": jnp.full((3, 2), float(s)), "nested": {"count": jnp.asarray(s, jnp.int32)}, "key": jax.random.key_data(jax.random.key(s))}
+
+
+def test_keeps_last_n_and_the_best(tmp_path):
+    gold = [0.1, 0.9, 0.2, 0.3, 0.4, 0.35]
+    with Checkpointer(tmp_path / "ck", keep_last=2, best_metric="gold") as ck:
+        for s, g in enumerate(gold):
+            ck.save(s, _state(s), meta={"position": s * 10}, metrics={"gold": g})
+        ck.wait()
+        assert ck.steps() == [1, 4, 5]
+        assert ck.best_step() == 1
+        state, meta = ck.restore(1)
+    np.testing.assert_array_equal(state["w"], np.full((3, 2), 1.0))
+    assert meta == {"position": 10}
+
+
+def test_nan_state_is_refused_and_the_good_checkpoint_stays(tmp_path):
+    with Checkpointer(tmp_path / "ck", keep_last=1) as ck:
+        ck.save(1, _state(1))
+        ck.wait()
+        bad = _state(2)
+        bad["w"] = bad["w"].at[0, 0].set(jnp.nan)
+        with pytest.raises(CheckpointError, match="NaN/Inf"):
+            ck.save(2, bad)
+        ck.wait()
+        assert ck.steps() == [1]
+    state, _, step = restore_latest(tmp_path / "ck")
+    assert step == 1 and bool(jnp.all(state["w"] == 1.0))
+
+
+def test_restore_with_target_keeps_dtypes(tmp_path):
+    tree = {"a": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3), "b": jnp.ones((4,), jnp.int32)}
+    save_once(tmp_path / "one", tree, meta={"note": "x"})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    restored, meta, step = restore_latest(tmp_path / "one", target)
+    assert step == 0 and meta == {"note": "x"}
+    assert restored["a"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored["a"], np.float32), np.asarray(tree["a"], np.float32))
+
+
+def test_missing_checkpoints_name_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
+        restore_latest(tmp_path / "nothing")
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(3, _state(3))
+        ck.wait()
+        with pytest.raises(CheckpointError, match=r"no checkpoint for step 7 .*available: \[3\]"):
+            ck.restore(7)
+
+
+def test_tree_is_finite():
+    assert tree_is_finite({"a": jnp.ones(2), "i": jnp.arange(3)})
+    assert not tree_is_finite({"a": jnp.array([1.0, jnp.inf])})
