@@ -1,0 +1,99 @@
+"""Data in: JSONL prompt and preference files (every bad line named as FILE:LINE), and batching helpers.
+
+A file is validated whole before anything is returned, so nothing partial looks like a success.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from selfplay.config import UserError
+
+
+class DataError(UserError):
+    """A data file is malformed; the message starts with FILE:LINE."""
+
+
+def read_jsonl(path: str | Path, required: Mapping[str, type], optional: Mapping[str, type] | None = None) -> list[dict]:
+    """Every non-blank line of `path` ('-' = stdin) as a dict holding the `required` keys with the given types.
+
+    Raises DataError `FILE:LINE: reason` for the first bad line: invalid JSON, not an object,
+    a missing key, or a value of the wrong type.
+    """
+    optional = optional or {}
+    name = "<stdin>" if str(path) == "-" else str(path)
+    try:
+        lines = sys.stdin.read().splitlines() if str(path) == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"{name}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name}:{i}: expected a JSON object, got {type(obj).__name__}")
+        for key, tp in required.items():
+            if key not in obj:
+                raise DataError(f"{name}:{i}: missing key '{key}' (need {', '.join(repr(k) for k in required)})")
+        for key, tp in {**required, **optional}.items():
+            if key in obj and not isinstance(obj[key], tp):
+                raise DataError(f"{name}:{i}: '{key}' must be a {tp.__name__}, got {type(obj[key]).__name__}")
+        rows.append(obj | {"_line": i})
+    if not rows:
+        raise DataError(f"{name}: no records (an empty file)")
+    return rows
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file of `{"prompt": "..."}` lines."""
+    rows = read_jsonl(path, {"prompt": str})
+    for r in rows:
+        if not r["prompt"].strip():
+            raise DataError(f"{path}:{r['_line']}: 'prompt' is empty")
+    return [r["prompt"] for r in rows]
+
+
+class PromptStream:
+    """An endless, seeded, epoch-shuffled stream of prompt indices whose position can be saved and restored."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        if n <= 0:
+            raise ValueError("PromptStream needs at least one prompt")
+        self.n = n
+        self.seed = seed
+        self.position = position
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._cached[1]
+
+    def take(self, k: int) -> np.ndarray:
+        out = np.empty(k, np.int64)
+        for j in range(k):
+            epoch, offset = divmod(self.position + j, self.n)
+            out[j] = self._order(epoch)[offset]
+        self.position += k
+        return out
+
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless shuffled index batches of a fixed size (the last partial batch of an epoch is dropped)."""
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} examples")
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
