@@ -199,10 +199,12 @@ class LearnerConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     loss_agg: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
+    loss_agg_constant: float = 0.0  # Dr. GRPO's normaliser for loss_agg=constant; 0: the loss arrays' token width T
     std_normalize: bool = True  # GRPO's division by the group std (Dr. GRPO: false)
     kl_coef: float = 0.04
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    kl_in_reward: bool = False  # fold KL into the reward (PPO style) instead of a loss term
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # ppo's token reward is k1 by definition
+    kl_in_reward: bool = False  # grpo/rloo: subtract beta * sum_t KL_t from the reward instead of a loss term
+    # (ppo and reinforce_pp always fold KL into the reward)
     adaptive_kl: bool = False
     kl_target: float = 0.1
     kl_horizon: int = 10000
