@@ -98,13 +98,13 @@ class ActorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FlawRates:
-    """Per-essay probabilities that a simulated human writer makes each kind of mistake."""
+    """Probabilities that a simulated human writer makes each kind of mistake (the unit is in each comment)."""
 
     omit_fact: float = 0.15  # per asked fact: left out
-    wrong_fact: float = 0.08  # per stated fact: a value that contradicts the sheet / fact base
-    unsupported_fact: float = 0.25  # per essay: a claim about an attribute the sheet does not give
+    wrong_fact: float = 0.08  # per stated asked fact: a value that contradicts the sheet / fact base
+    unsupported_fact: float = 0.25  # per grounded essay whose sheet leaves an attribute out: a true claim about it
     repeat_sentence: float = 0.15  # per essay: one sentence said twice
-    off_topic: float = 0.1  # per essay: a sentence about another entity
+    off_topic: float = 0.1  # per essay: a true fact sentence about another entity
     no_conclusion: float = 0.15  # per essay: the conclusion is missing
 
 
@@ -112,8 +112,8 @@ class FlawRates:
 class WorldConfig:
     """The embedded essay world: fact base, prompts, human corpus, gold grader, labeller."""
 
-    seed: int = 0
-    n_entities: int = 300
+    seed: int = 0  # seeds the fact base; also the default seed of World.corpus and `world sample`
+    n_entities: int = 300  # dealt round-robin to the kinds (city, river, animal, inventor)
     corpus_size: int = 3000  # human essays used for SFT and the tokenizer
     grounded_fraction: float = 0.75  # share of prompts with a fact sheet; the rest are closed-book
     min_sheet_facts: int = 2
@@ -135,6 +135,12 @@ class WorldConfig:
                 raise ConfigError(f"{prefix}.flaws.{f.name} must be a probability in [0, 1], got {v}")
         if self.n_entities < 8:
             raise ConfigError(f"{prefix}.n_entities must be >= 8, got {self.n_entities}")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed must be >= 0, got {self.seed}")
+        if self.corpus_size < 1:
+            raise ConfigError(f"{prefix}.corpus_size must be >= 1, got {self.corpus_size}")
+        if self.tokenizer_vocab_size < 260:
+            raise ConfigError(f"{prefix}.tokenizer_vocab_size must be >= 260 (256 bytes + 4 special tokens), got {self.tokenizer_vocab_size}")
 
 
 @dataclasses.dataclass(frozen=True)
