@@ -1,0 +1,217 @@
+"""The jitted sampler: one prefill of the prompts shared by their G samples, then a `lax.while_loop` decode.
+
+Also owns host-side prompt bucketing (`pad_prompts`) and the temperature / top-k / top-p / greedy token choice.
+
+Sampling-time log-probs (`Rollout.logprobs_bl`) are log q(token) under the distribution actually sampled from:
+softmax(logits / temperature) restricted to the top-k, then to the top-p nucleus, renormalised. They equal the
+policy's log-probs only at temperature 1 without truncation; the learner gets the plain policy log-prob from
+`selfplay.models.transformer.token_logprobs`. Greedy decoding samples from a point mass, so there it reports the
+plain temperature-1 log-prob of the chosen token instead (a constant 0 would carry nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfplay.config import ActorConfig, ConfigError, ModelConfig, UserError
+from selfplay.models import transformer
+from selfplay.types import Rollout
+
+
+def pad_prompts(
+    token_lists: Sequence[Sequence[int]],
+    buckets: Sequence[int],
+    pad_id: int,
+    too_long: Literal["error", "truncate"] = "error",
+    *,
+    max_new_tokens: int = 0,
+    max_seq_len: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-pad prompts to the smallest bucket that fits the longest: (prompt_tokens_bp, prompt_len_b, P), int32.
+
+    A prompt longer than the largest bucket is a `UserError`, or keeps its last tokens with too_long="truncate".
+    With `max_seq_len`, P + max_new_tokens must fit in it.
+    """
+    if not token_lists:
+        raise UserError("pad_prompts: no prompts given")
+    largest = max(buckets)
+    rows = []
+    for i, toks in enumerate(token_lists):
+        toks = [int(t) for t in toks]
+        if not toks:
+            raise UserError(f"prompt {i} is empty; the sampler needs at least one prompt token (e.g. BOS)")
+        if len(toks) > largest:
+            if too_long != "truncate":
+                raise UserError(
+                    f"prompt {i} has {len(toks)} tokens, more than the largest prompt bucket ({largest}); "
+                    "raise actor.prompt_buckets or set actor.too_long_prompt=truncate (keeps the last tokens)"
+                )
+            toks = toks[-largest:]
+        rows.append(toks)
+    longest = max(len(r) for r in rows)
+    p = min(b for b in buckets if b >= longest)
+    if max_seq_len is not None and p + max_new_tokens > max_seq_len:
+        raise UserError(
+            f"prompt bucket {p} + actor.max_new_tokens ({max_new_tokens}) = {p + max_new_tokens} "
+            f"exceeds model.max_seq_len ({max_seq_len}); use shorter prompts, fewer new tokens or a longer context"
+        )
+    tokens_bp = np.full((len(rows), p), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        tokens_bp[i, p - len(r) :] = r
+    return tokens_bp, np.array([len(r) for r in rows], np.int32), p
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a token.
+# ----------------------------------------------------------------------------------------------
+
+
+def _candidates(logits_bv: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array | None]:
+    """The candidate logits after top-k then top-p, as (logits_bk, vocab ids_bk) sorted descending (-inf: dropped).
+
+    ids is None when nothing is truncated (candidates = the whole vocabulary, in vocabulary order).
+    top-p keeps the smallest prefix whose probability (renormalised over the top-k) reaches p, so always the top token.
+    """
+    v = logits_bv.shape[-1]
+    k = top_k if 0 < top_k < v else v
+    if k == v and top_p >= 1.0:
+        return logits_bv, None
+    vals_bk, ids_bk = jax.lax.top_k(logits_bv, k)
+    if top_p < 1.0:
+        probs_bk = jax.nn.softmax(vals_bk, axis=-1)
+        mass_before_bk = jnp.concatenate([jnp.zeros_like(probs_bk[:, :1]), jnp.cumsum(probs_bk, axis=-1)[:, :-1]], axis=-1)
+        vals_bk = jnp.where(mass_before_bk < top_p, vals_bk, -jnp.inf)
+    return vals_bk, ids_bk
+
+
+def truncate_logits(logits_bv: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """`logits_bv` with -inf on every token that top-k (0: off) then top-p (1.0: off) drops."""
+    vals_bk, ids_bk = _candidates(logits_bv, top_k, top_p)
+    if ids_bk is None:
+        return logits_bv
+    rows_b1 = jnp.arange(logits_bv.shape[0])[:, None]
+    return jnp.full_like(logits_bv, -jnp.inf).at[rows_b1, ids_bk].set(vals_bk)
+
+
+def sample_token(
+    logits_bv: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its sampling-time log-prob (see the module docstring): (int32 [B], float32 [B])."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    if greedy:
+        tok_b = jnp.argmax(logits_bv, axis=-1)
+        lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1), tok_b[:, None], axis=-1)[:, 0]
+        return tok_b.astype(jnp.int32), lp_b
+    vals_bk, ids_bk = _candidates(logits_bv / temperature, top_k, top_p)
+    j_b = jax.random.categorical(key, vals_bk, axis=-1)
+    lp_b = jnp.take_along_axis(jax.nn.log_softmax(vals_bk, axis=-1), j_b[:, None], axis=-1)[:, 0]
+    tok_b = j_b if ids_bk is None else jnp.take_along_axis(ids_bk, j_b[:, None], axis=-1)[:, 0]
+    return tok_b.astype(jnp.int32), lp_b
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_sampler(model_cfg: ModelConfig, actor_cfg: ActorConfig, *, eos_id: int, pad_id: int) -> Callable:
+    """`sample(graphdef, params, prompt_tokens_bp, prompt_len_b, rng, samples_per_prompt=None)`, one jitted program.
+
+    Returns (Rollout with B = n_prompts * G rows, row = prompt * G + g, and L = P + max_new_tokens;
+    {"decode_steps": int32, the one-token forward passes run after the prefill}). samples_per_prompt is static
+    (None: actor.samples_per_prompt). One compilation per (P, n_prompts, G).
+    """
+    max_new = actor_cfg.max_new_tokens
+    if max(actor_cfg.prompt_buckets) + max_new > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"actor.prompt_buckets max ({max(actor_cfg.prompt_buckets)}) + actor.max_new_tokens ({max_new}) "
+            f"exceeds model.max_seq_len ({model_cfg.max_seq_len})"
+        )
+    choose = dict(
+        temperature=actor_cfg.temperature, top_k=actor_cfg.top_k, top_p=actor_cfg.top_p, greedy=actor_cfg.greedy
+    )
+
+    def sample(graphdef, params, prompt_tokens_bp, prompt_len_b, rng, samples_per_prompt):
+        g = samples_per_prompt
+        n, p = prompt_tokens_bp.shape
+        if p + max_new > model_cfg.max_seq_len:
+            raise UserError(f"prompt width {p} + actor.max_new_tokens ({max_new}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+        b, l = n * g, p + max_new
+        model = transformer.merge(graphdef, params)
+        prompt_len_n = prompt_len_b.astype(jnp.int32)
+
+        # Prefill the n distinct prompts once, then give each of the G samples its own copy of the cache.
+        # The cache is born and dies inside this one jitted program, so there is no boundary to donate it across.
+        col_p = jnp.arange(p)[None, :]
+        start_n1 = p - prompt_len_n[:, None]
+        logits_npv, cache = model(
+            prompt_tokens_bp,
+            jnp.maximum(col_p - start_n1, 0),
+            col_p >= start_n1,
+            cache=transformer.init_cache(model_cfg, n, l),
+            cache_index=0,
+        )
+        cache = transformer.KVCache(
+            jnp.repeat(cache.k_nbshd, g, axis=1), jnp.repeat(cache.v_nbshd, g, axis=1), jnp.repeat(cache.valid_bs, g, axis=0)
+        )
+        len_b = jnp.repeat(prompt_len_n, g)
+        tokens_bl = jnp.concatenate(
+            [jnp.repeat(prompt_tokens_bp.astype(jnp.int32), g, axis=0), jnp.full((b, max_new), pad_id, jnp.int32)], axis=1
+        )
+        zeros_bl = jnp.zeros((b, l), jnp.float32)
+        no_b = jnp.zeros((b,), bool)
+
+        def emit(i, tok_b, lp_b, state):
+            """Write the token chosen for completion column i (pad on rows already done)."""
+            tokens_bl, lp_bl, mask_bl, done_b, eos_b = state
+            live_b = ~done_b
+            tok_b = jnp.where(live_b, tok_b, pad_id)
+            col = p + i
+            tokens_bl = jax.lax.dynamic_update_slice(tokens_bl, tok_b[:, None], (0, col))
+            lp_bl = jax.lax.dynamic_update_slice(lp_bl, jnp.where(live_b, lp_b, 0.0)[:, None], (0, col))
+            mask_bl = jax.lax.dynamic_update_slice(mask_bl, live_b.astype(jnp.float32)[:, None], (0, col))
+            hit_b = live_b & (tok_b == eos_id)
+            return tokens_bl, lp_bl, mask_bl, done_b | hit_b, eos_b | hit_b
+
+        last_bv = jnp.repeat(logits_npv[:, -1], g, axis=0)
+        tok_b, lp_b = sample_token(last_bv, jax.random.fold_in(rng, 0), **choose)
+        bufs = emit(0, tok_b, lp_b, (tokens_bl, zeros_bl, zeros_bl, no_b, no_b))
+
+        def cond(carry):
+            i, bufs, _ = carry
+            return (i < max_new) & ~jnp.all(bufs[3])
+
+        def body(carry):
+            i, bufs, cache = carry
+            tokens_bl, _, mask_bl = bufs[:3]
+            col = p + i - 1  # feed the token chosen last step
+            prev_b1 = jax.lax.dynamic_slice_in_dim(tokens_bl, col, 1, axis=1)
+            prev_valid_b1 = jax.lax.dynamic_slice_in_dim(mask_bl, col, 1, axis=1) > 0
+            logits_b1v, cache = model(prev_b1, (len_b + i - 1)[:, None], prev_valid_b1, cache=cache, cache_index=col)
+            tok_b, lp_b = sample_token(logits_b1v[:, 0], jax.random.fold_in(rng, i), **choose)
+            return i + 1, emit(i, tok_b, lp_b, bufs), cache
+
+        steps, (tokens_bl, lp_bl, mask_bl, _, eos_b), _ = jax.lax.while_loop(cond, body, (jnp.int32(1), bufs, cache))
+        rollout = Rollout(tokens_bl=tokens_bl, prompt_len_b=len_b, completion_mask_bl=mask_bl, logprobs_bl=lp_bl, eos_b=eos_b)
+        return rollout, {"decode_steps": steps - 1}
+
+    jitted = jax.jit(sample, static_argnames=("samples_per_prompt",))
+
+    def sampler(graphdef, params, prompt_tokens_bp, prompt_len_b, rng, samples_per_prompt=None):
+        # Resolve the default here so that "default" and an explicit equal G share one compilation.
+        return jitted(
+            graphdef, params, prompt_tokens_bp, prompt_len_b, rng,
+            samples_per_prompt=samples_per_prompt or actor_cfg.samples_per_prompt,
+        )
+
+    return sampler
