@@ -212,7 +212,7 @@ class LearnerConfig:
     kl_in_reward: bool = False  # grpo/rloo: subtract beta * sum_t KL_t from the reward instead of a loss term
     # (ppo and reinforce_pp always fold KL into the reward)
     adaptive_kl: bool = False
-    kl_target: float = 0.1
+    kl_target: float = 0.1  # adaptive_kl aims the learner's `kl` metric here: per-token mean KL(pi || pi_ref), nats
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
     gamma: float = 1.0
