@@ -37,6 +37,23 @@ def _cmd_world_grade(args: argparse.Namespace) -> int:
     return commands.grade(cfg, path=args.file)
 
 
+# --- policy ----------------------------------------------------------------------------------
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from selfplay import sft
+
+    sft.pretrain(cfg, args.run_dir, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from selfplay import generate
+
+    return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfplay",
@@ -56,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("file", help="JSONL file with one {\"prompt\": ..., \"essay\": ...} per line ('-' for stdin)")
     _add_config_args(wg)
     wg.set_defaults(fn=_cmd_world_grade)
+
+    pt = sub.add_parser("pretrain", help="train the SFT policy on the world's human corpus (saved to RUN_DIR)")
+    pt.add_argument("--run-dir", required=True, help="run directory: config.yaml, tokenizer.json, policy/ are written here")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_args(pt)
+    pt.set_defaults(fn=_cmd_pretrain)
+
+    gen = sub.add_parser("generate", help="print essays written by the policy in RUN_DIR as JSON lines")
+    gen.add_argument("--run-dir", required=True)
+    gen.add_argument("--n", type=int, default=4, help="number of world prompts (ignored with --prompt/--prompts)")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="one prompt text")
+    src.add_argument("--prompts", default=None, help="JSONL file of {\"prompt\": ...} lines")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the run's config, e.g. actor.temperature=0.7")
+    gen.set_defaults(fn=_cmd_generate)
     return parser
 
 

@@ -1,0 +1,36 @@
+"""`selfplay generate`: essays from a run directory's policy, as JSON lines (with gold scores for world prompts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from selfplay.config import UserError
+from selfplay.data import read_prompts
+from selfplay.policy import Generator, load_policy, load_run_config
+from selfplay.world.essays import World
+
+
+def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None, prompts_file: str | None, seed: int) -> int:
+    cfg = load_run_config(run_dir, overrides)
+    world = World.from_config(cfg.world)
+    if prompt is not None:
+        prompts = [prompt]
+    elif prompts_file is not None:
+        prompts = read_prompts(prompts_file)
+    else:
+        if n < 1:
+            raise UserError(f"--n must be >= 1, got {n}")
+        prompts = world.sample_prompts(n, np.random.default_rng([seed, 7]), "mixed")
+    policy = load_policy(run_dir, cfg)
+    gen = Generator(policy, cfg.actor, batch=min(len(prompts), cfg.actor.prompts_per_round))
+    essays = gen.generate(prompts, jax.random.key(seed))
+    for p, e in zip(prompts, essays):
+        row: dict = {"prompt": p, "essay": e}
+        if world.parse_prompt(p) is not None:
+            row["gold"] = world.grade(p, e).to_dict()
+        print(json.dumps(row), flush=True)
+    return 0

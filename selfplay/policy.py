@@ -1,0 +1,148 @@
+"""The policy as a run directory stores it (config.yaml, tokenizer.json, policy/ orbax checkpoint), and text generation.
+
+`pretrain` and `import-hf` write a policy; `generate`, the critic and `train` read one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from selfplay import checkpoint
+from selfplay.actor import make_sampler, pad_prompts
+from selfplay.config import ActorConfig, Config, UserError, load_config, save_config
+from selfplay.models import transformer
+from selfplay.tokenizer import Tokenizer
+from selfplay.types import Rollout
+
+POLICY_DIR = "policy"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class Policy:
+    """A model config, its tokenizer, the static graphdef and the params (an nnx.State)."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    graphdef: nnx.GraphDef
+    params: nnx.State
+
+
+def init_policy(cfg: Config, tokenizer: Tokenizer, seed: int) -> Policy:
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise UserError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    graphdef, params = transformer.split(transformer.create_model(cfg.model, seed))
+    return Policy(cfg, tokenizer, graphdef, params)
+
+
+def abstract_params(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params of ShapeDtypeStructs) for `cfg.model`, built without allocating weights."""
+    return transformer.split(nnx.eval_shape(lambda: transformer.create_model(cfg.model, 0)))
+
+
+def params_to_tree(params: nnx.State) -> dict:
+    """The params as a plain nested dict of arrays (what orbax stores)."""
+    return nnx.to_pure_dict(params)
+
+
+def tree_to_params(cfg: Config, tree: dict) -> tuple[nnx.GraphDef, nnx.State]:
+    graphdef, abstract = abstract_params(cfg)
+    nnx.replace_by_pure_dict(abstract, tree)
+    return graphdef, abstract
+
+
+def save_policy(run_dir: str | Path, policy: Policy, meta: dict | None = None) -> Path:
+    """Write config.yaml, tokenizer.json and the params to `run_dir/policy/` (synchronous, atomic)."""
+    run_dir = Path(run_dir)
+    save_config(policy.cfg, run_dir)
+    policy.tokenizer.save(run_dir / TOKENIZER_FILE)
+    checkpoint.save_once(run_dir / POLICY_DIR, params_to_tree(policy.params), meta)
+    return run_dir / POLICY_DIR
+
+
+def has_policy(run_dir: str | Path) -> bool:
+    d = Path(run_dir) / POLICY_DIR
+    if not d.is_dir():
+        return False
+    with checkpoint.Checkpointer(d, read_only=True) as ckpt:
+        return ckpt.latest_step() is not None
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a selfplay run directory: {path} is missing")
+    return load_config(path, list(overrides))
+
+
+def load_policy(run_dir: str | Path, cfg: Config | None = None, directory: str | Path | None = None) -> Policy:
+    """The policy stored in `run_dir` (params from `directory`, default `run_dir/policy/`)."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    tok_path = run_dir / TOKENIZER_FILE
+    if not tok_path.is_file():
+        raise UserError(f"{run_dir} has no {TOKENIZER_FILE}; run `selfplay pretrain` or `selfplay import-hf` first")
+    tokenizer = Tokenizer.load(tok_path)
+    graphdef, abstract = abstract_params(cfg)
+    tree, _, _ = checkpoint.restore_latest(directory or run_dir / POLICY_DIR, params_to_tree(abstract))
+    _, params = tree_to_params(cfg, tree)
+    return Policy(cfg, tokenizer, graphdef, params)
+
+
+class Generator:
+    """Writes completions for text prompts with fixed shapes: prompts go in chunks of `batch` (the last chunk
+    padded by repeating a prompt), so one compilation serves every chunk of a bucket."""
+
+    def __init__(self, policy: Policy, actor_cfg: ActorConfig, batch: int):
+        self.policy = policy
+        self.actor_cfg = actor_cfg
+        self.batch = batch
+        tok = policy.tokenizer
+        self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        tok = self.policy.tokenizer
+        return pad_prompts(
+            [tok.encode_prompt(p) for p in prompts],
+            self.actor_cfg.prompt_buckets,
+            tok.pad_id,
+            self.actor_cfg.too_long_prompt,
+            max_new_tokens=self.actor_cfg.max_new_tokens,
+            max_seq_len=self.policy.cfg.model.max_seq_len,
+        )
+
+    def rollout(self, params: Any, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int) -> tuple[Rollout, int]:
+        """One sampler call on exactly `self.batch` prompts: (Rollout of batch * G rows, prompt width P)."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"Generator.rollout takes exactly {self.batch} prompts, got {len(prompts)}")
+        tokens_bp, len_b, p = self.encode(prompts)
+        rollout, _ = self._sample(self.policy.graphdef, params, tokens_bp, len_b, rng, samples_per_prompt)
+        return rollout, p
+
+    def completions(self, rollout: Rollout, prompt_width: int) -> list[str]:
+        """The decoded completion of every row (EOS and padding dropped)."""
+        tok = self.policy.tokenizer
+        tokens = np.asarray(rollout.tokens_bl[:, prompt_width:])
+        mask = np.asarray(rollout.completion_mask_bl[:, prompt_width:]) > 0
+        return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t != tok.eos_id]) for row, mrow in zip(tokens, mask)]
+
+    def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:
+        """Completions for every prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""
+        params = self.policy.params if params is None else params
+        out: list[str] = []
+        for c, start in enumerate(range(0, len(prompts), self.batch)):
+            chunk = list(prompts[start : start + self.batch])
+            real = len(chunk)
+            chunk += [chunk[-1]] * (self.batch - real)
+            rollout, p = self.rollout(params, chunk, jax.random.fold_in(rng, c), samples_per_prompt)
+            out += self.completions(rollout, p)[: real * samples_per_prompt]
+        return out

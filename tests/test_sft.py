@@ -1,0 +1,60 @@
+"""SFT pretraining on the tiny config lowers held-out perplexity and leaves a usable run directory."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selfplay.cli import main
+from selfplay.config import load_config
+from selfplay.policy import has_policy, load_policy
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    rc = main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run_dir), "--no-progress"])
+    assert rc == 0
+    return run_dir
+
+
+def test_pretrain_lowers_loss_and_saves(tiny_run):
+    report = json.loads((tiny_run / "sft_report.json").read_text())
+    assert report["heldout_ppl"] < 0.5 * report["heldout_ppl_initial"]
+    losses = [h["loss"] for h in report["history"]]
+    assert losses[-1] < losses[0]
+    assert {"score", "coverage", "hallucination_rate", "fluency"} <= set(report["gold"])
+    assert (tiny_run / "tokenizer.json").is_file() and (tiny_run / "config.yaml").is_file()
+    assert has_policy(tiny_run)
+    cfg = load_config(tiny_run / "config.yaml")
+    policy = load_policy(tiny_run)
+    assert policy.cfg == cfg
+    assert policy.tokenizer.vocab_size <= cfg.model.vocab_size
+
+
+def test_generate_prints_json_lines_with_gold(tiny_run, capsys, tmp_path):
+    assert main(["generate", "--run-dir", str(tiny_run), "--n", "3", "actor.temperature=0.7"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3
+    assert all({"prompt", "essay", "gold"} <= set(r) for r in rows)
+    assert all(0.0 <= r["gold"]["score"] <= 1.0 for r in rows)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me a story."}\n{"prompt": "Write an essay about nothing."}\n')
+    assert main(["generate", "--run-dir", str(tiny_run), "--prompts", str(prompts)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Tell me a story.", "Write an essay about nothing."]
+    assert all("gold" not in r for r in rows)
+
+
+def test_generate_errors_are_user_errors(tiny_run, tmp_path, capsys):
+    assert main(["generate", "--run-dir", str(tmp_path / "missing")]) == 2
+    assert "not a selfplay run directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert main(["generate", "--run-dir", str(tiny_run), "--prompts", str(bad)]) == 2
+    assert f"{bad}:2: missing key 'prompt'" in capsys.readouterr().err
+    assert main(["generate", "--run-dir", str(tiny_run), "actor.temprature=0.5"]) == 2
+    assert "did you mean 'actor.temperature'" in capsys.readouterr().err
