@@ -1,0 +1,312 @@
+"""Hugging Face checkpoints: logits match transformers' own, the weight mapping, exact export/import round trips,
+bf16 and sharded files, import into a run directory, and loud refusals that name the file, field or tensor.
+
+The fixtures under tests/fixtures/hf/ were written by make_fixtures.py (transformers in a separate venv).
+"""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from selfplay import policy
+from selfplay.config import UserError, load_config
+from selfplay.models import hf, transformer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+TOL = 1e-4  # f32 against f32 HF eager attention; the measured error is ~4e-6 on O(1) logits
+
+fwd = jax.jit(transformer.forward)
+
+
+def _logits(cfg, params, ref):
+    graphdef, state = transformer.split(nnx.eval_shape(lambda: transformer.create_model(cfg, 0)))
+    nnx.replace_by_pure_dict(state, params)
+    logits, _ = fwd(graphdef, state, ref["tokens"], ref["position_ids"], ref["attention_mask"].astype(bool))
+    return np.asarray(logits)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))  # bitwise
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers
+# ----------------------------------------------------------------------------------------------
+
+EXPECTED = {
+    "llama": dict(vocab_size=96, tie_embeddings=False, attention_bias=False, n_kv_heads=2, head_dim=0, max_seq_len=64),
+    "qwen2": dict(vocab_size=112, tie_embeddings=True, attention_bias=True, n_kv_heads=2, norm_eps=1e-5),
+    # head_dim 16 != 32 / 4; the sliding window (16) caps the context.
+    "mistral": dict(vocab_size=128, tie_embeddings=False, head_dim=16, rope_theta=1e6, max_seq_len=16),
+}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_logits_match_transformers(name):
+    src = FIXTURES / name
+    cfg, params, tok = hf.load_hf(src)
+    for field, value in EXPECTED[name].items():
+        assert getattr(cfg, field) == value, field
+    ref = load_file(str(src / "reference_logits.safetensors"))
+    with safe_open(str(src / "reference_logits.safetensors"), framework="np") as f:
+        texts = json.loads(f.metadata()["texts"])
+    valid = ref["attention_mask"].astype(bool)
+    for text, row, mask in zip(texts, ref["tokens"], valid):  # the tokenizer is the one HF used
+        assert list(row[mask]) == ([tok.bos_id] + tok.encode(text))[: len(row)]
+    assert ref["logits"][valid].std() > 0.5  # O(1) logits, so the tolerance means something
+
+    err = np.abs(_logits(cfg, params, ref) - ref["logits"])[valid].max()
+    print(f"{name}: max |logits - HF logits| = {err:.2e}")
+    assert err <= TOL
+
+    # The comparison can fail: the same weights with two query heads swapped are far off.
+    swapped = {**params, "layers": {**params["layers"], "q_proj": params["layers"]["q_proj"][:, :, [1, 0, 2, 3]]}}
+    assert np.abs(_logits(cfg, swapped, ref) - ref["logits"])[valid].max() > 100 * TOL
+
+
+def test_the_llama_fixture_is_sharded():
+    assert not (FIXTURES / "llama" / hf.WEIGHTS_FILE).exists()
+    index = json.loads((FIXTURES / "llama" / hf.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint written by hand (no transformers): the mapping itself
+# ----------------------------------------------------------------------------------------------
+
+D, H, KV, HD, F, V, N = 16, 4, 2, 4, 24, 96, 2  # hidden, heads, kv heads, head_dim, mlp, vocab, layers
+
+
+def _hf_config(**overrides):
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
+        "intermediate_size": F, "num_hidden_layers": N, "num_attention_heads": H, "num_key_value_heads": KV,
+        "hidden_act": "silu", "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1,
+    }
+    config.update(overrides)
+    return {k: v for k, v in config.items() if v != "<drop>"}
+
+
+def _hf_tensors(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    t = {"model.embed_tokens.weight": rng.normal(size=(V, D)), "model.norm.weight": rng.normal(size=(D,)),
+         "lm_head.weight": rng.normal(size=(V, D))}
+    for i in range(N):
+        p = f"model.layers.{i}."
+        t |= {
+            p + "input_layernorm.weight": rng.normal(size=(D,)),
+            p + "post_attention_layernorm.weight": rng.normal(size=(D,)),
+            p + "self_attn.q_proj.weight": rng.normal(size=(H * HD, D)),
+            p + "self_attn.k_proj.weight": rng.normal(size=(KV * HD, D)),
+            p + "self_attn.v_proj.weight": rng.normal(size=(KV * HD, D)),
+            p + "self_attn.o_proj.weight": rng.normal(size=(D, H * HD)),
+            p + "mlp.gate_proj.weight": rng.normal(size=(F, D)),
+            p + "mlp.up_proj.weight": rng.normal(size=(F, D)),
+            p + "mlp.down_proj.weight": rng.normal(size=(D, F)),
+        }
+    return {k: v.astype(dtype) for k, v in t.items()}
+
+
+def _write(tmp_path, config=None, tensors=None, name="ckpt"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(_hf_config() if config is None else config))
+    shutil.copy(FIXTURES / "llama" / "tokenizer.json", d / "tokenizer.json")
+    save_file(_hf_tensors() if tensors is None else tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_a_hand_written_checkpoint_maps_onto_the_documented_layout(tmp_path):
+    t = _hf_tensors()
+    cfg, params, tok = hf.load_hf(_write(tmp_path, tensors=t))
+    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, cfg.rope_theta, cfg.norm_eps) == (D, H, KV, F, 5e5, 1e-5)
+    assert tok.bos_id == 1 and cfg.param_dtype == "float32"
+    lp = params["layers"]
+    l, d, h, k, f = 1, 3, 2, 1, 5  # arbitrary indices
+    w = f"model.layers.{l}."
+    assert lp["q_proj"][l, d, h, k] == t[w + "self_attn.q_proj.weight"][h * HD + k, d]
+    assert lp["k_proj"][l, d, 1, k] == t[w + "self_attn.k_proj.weight"][HD + k, d]
+    assert lp["v_proj"][l, d, 0, k] == t[w + "self_attn.v_proj.weight"][k, d]
+    assert lp["o_proj"][l, h, k, d] == t[w + "self_attn.o_proj.weight"][d, h * HD + k]
+    assert lp["gate_proj"][l, d, f] == t[w + "mlp.gate_proj.weight"][f, d]
+    assert lp["down_proj"][l, f, d] == t[w + "mlp.down_proj.weight"][d, f]
+    np.testing.assert_array_equal(lp["mlp_norm"][l], t[w + "post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(params["lm_head"], t["lm_head.weight"].T)
+    np.testing.assert_array_equal(params["embed"], t["model.embed_tokens.weight"])
+
+
+def test_bfloat16_safetensors_load_exactly(tmp_path):
+    t = _hf_tensors(dtype=jnp.bfloat16)
+    cfg, params, _ = hf.load_hf(_write(tmp_path, _hf_config(torch_dtype="bfloat16"), t))
+    assert cfg.param_dtype == cfg.compute_dtype == "bfloat16"
+    assert params["layers"]["o_proj"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"]["o_proj"][1]).view(np.uint16),
+        t["model.layers.1.self_attn.o_proj.weight"].T.reshape(H, HD, D).view(np.uint16),
+    )
+    # A mixed checkpoint widens to float32, exactly.
+    t["model.norm.weight"] = t["model.norm.weight"].astype(np.float32)
+    cfg, params, _ = hf.load_hf(_write(tmp_path, _hf_config(), t, name="mixed"))
+    assert cfg.param_dtype == "float32"
+    np.testing.assert_array_equal(params["embed"], t["model.embed_tokens.weight"].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export -> import
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, arch", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")]
+)
+def test_export_then_import_is_exact(tmp_path, name, arch):
+    cfg, params, tok = hf.load_hf(FIXTURES / name)
+    hf.save_hf(tmp_path / "out", cfg, params, tok, arch)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    cfg2, params2, tok2 = hf.load_hf(tmp_path / "out")
+    assert cfg2 == cfg
+    assert tok2.tk.to_str() == tok.tk.to_str()
+    _assert_trees_equal(params2, params)
+
+
+def test_bfloat16_model_exports_and_imports_exactly(tmp_path):
+    cfg, _, tok = hf.load_hf(FIXTURES / "qwen2")
+    cfg = dataclasses.replace(cfg, param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = transformer.create_model(cfg, 3)
+    hf.save_hf(tmp_path / "out", cfg, nnx.state(model), tok, "Qwen2ForCausalLM")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    cfg2, params2, _ = hf.load_hf(tmp_path / "out")
+    assert cfg2 == cfg
+    _assert_trees_equal(params2, nnx.to_pure_dict(nnx.state(model)))
+
+
+def test_export_refuses_a_mismatched_architecture_or_tree(tmp_path):
+    cfg, params, tok = hf.load_hf(FIXTURES / "qwen2")
+    with pytest.raises(UserError, match="attention_bias=True cannot be exported as LlamaForCausalLM"):
+        hf.save_hf(tmp_path / "a", cfg, params, tok, "LlamaForCausalLM")
+    del params["layers"]["k_bias"]
+    with pytest.raises(UserError, match="param 'layers.k_bias' is missing"):
+        hf.save_hf(tmp_path / "b", cfg, params, tok, "Qwen2ForCausalLM")
+
+
+# ----------------------------------------------------------------------------------------------
+# import_hf: a run directory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_import_hf_writes_a_run_dir_whose_params_restore_equal(tmp_path):
+    run = hf.import_hf(FIXTURES / "qwen2", tmp_path / "run")
+    cfg, params, tok = hf.load_hf(FIXTURES / "qwen2")
+    assert load_config(run / "config.yaml").model == cfg
+    assert (run / "tokenizer.json").read_text() == tok.tk.to_str(pretty=True)
+    _assert_trees_equal(hf.load_policy_params(run, cfg), params)
+    stored = policy.load_policy(run)  # what pretrain, generate and train read
+    assert stored.cfg.model == cfg and stored.tokenizer.eos_id == tok.eos_id
+    _assert_trees_equal(nnx.to_pure_dict(stored.params), params)
+    with pytest.raises(UserError, match="already holds a run"):
+        hf.import_hf(FIXTURES / "qwen2", run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(_hf_config()))
+    shutil.copy(FIXTURES / "llama" / "tokenizer.json", d / "tokenizer.json")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(UserError, match=r"pytorch_model\.bin.*pickle weights are refused; convert to safetensors"):
+        hf.load_hf(d)
+    (d / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="no weights found: expected model.safetensors"):
+        hf.load_hf(d)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling .* is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters.rope_type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "rope_parameters.partial_rotary_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"attention_dropout": 0.1}, "attention_dropout"),
+        ({"quantization_config": {"bits": 4}}, "field 'quantization_config' is not supported"),
+        ({"sliding_window": 8}, "field 'sliding_window' is not supported for LlamaForCausalLM"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
+        ({"model_type": "mistral"}, "model_type 'mistral' does not match"),
+        ({"num_key_value_heads": 3}, "n_heads .* must be a multiple"),
+        ({"hidden_size": "<drop>"}, "required field 'hidden_size' is missing"),
+        ({"num_hidden_layers": 2.5}, "field 'num_hidden_layers' must be int"),
+    ],
+)
+def test_unsupported_config_fields_fail_loudly_naming_the_field(tmp_path, overrides, match):
+    d = _write(tmp_path, _hf_config(**overrides))
+    with pytest.raises(UserError, match=match) as err:
+        hf.load_hf(d)
+    assert str(d / "config.json") in str(err.value)
+
+
+def test_sliding_window_caps_the_context_only_when_active():
+    def max_len(**overrides):
+        return hf.model_config_from_hf(_hf_config(**overrides), Path("config.json"))[0].max_seq_len
+
+    mistral = dict(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=8192)
+    assert max_len(**mistral, sliding_window=4096) == 4096
+    assert max_len(**mistral) == 4096  # absent: HF Mistral's default window
+    assert max_len(**mistral, sliding_window=None) == 8192
+    qwen2 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192, sliding_window=1024)
+    assert max_len(**qwen2, use_sliding_window=False) == 8192
+    assert max_len(**qwen2, use_sliding_window=True, max_window_layers=N) == 8192  # no layer slides
+    assert max_len(**qwen2, use_sliding_window=True, max_window_layers=1) == 1024
+
+
+def test_shape_mismatch_missing_and_spare_tensors_are_named(tmp_path):
+    t = _hf_tensors()
+    t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][:4]
+    shape_msg = r"tensor 'model.layers.1.self_attn.k_proj.weight' has shape \[4, 16\], but config.json implies \[8, 16\]"
+    with pytest.raises(UserError, match=shape_msg):
+        hf.load_hf(_write(tmp_path, tensors=t, name="shape"))
+    t = _hf_tensors()
+    del t["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(UserError, match="tensor 'model.layers.0.mlp.up_proj.weight' is missing"):
+        hf.load_hf(_write(tmp_path, tensors=t, name="missing"))
+    t = _hf_tensors()
+    t["model.layers.0.self_attn.o_proj.bias"] = np.zeros(D, np.float32)
+    with pytest.raises(UserError, match="not used by a LlamaForCausalLM.*o_proj.bias"):
+        hf.load_hf(_write(tmp_path, tensors=t, name="spare"))
+    t = _hf_tensors()  # tied, but the checkpoint's lm_head is not the embedding
+    with pytest.raises(UserError, match="lm_head.weight' differs from model.embed_tokens.weight"):
+        hf.load_hf(_write(tmp_path, _hf_config(tie_word_embeddings=True), t, name="tied"))
+    t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"].astype(np.int8)
+    with pytest.raises(UserError, match="'model.embed_tokens.weight' has dtype I8"):
+        hf.load_hf(_write(tmp_path, tensors=t, name="int8"))
+
+
+def test_sharded_checkpoint_problems_name_the_shard(tmp_path):
+    d = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "llama", d)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match="shard model-00002-of-00002.safetensors is missing"):
+        hf.load_hf(d)
+    (d / "config.json").unlink()
+    with pytest.raises(UserError, match="cannot read .*config.json"):
+        hf.load_hf(d)
