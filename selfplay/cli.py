@@ -54,6 +54,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts, seed=args.seed)
 
 
+# --- critic ----------------------------------------------------------------------------------
+
+
+def _cmd_critic_train(args: argparse.Namespace) -> int:
+    from selfplay import critic_cli
+    from selfplay.policy import load_run_config
+
+    cfg = load_config(args.config, list(args.overrides)) if args.config else load_run_config(args.run_dir, list(args.overrides))
+    critic_cli.train_critic(cfg, args.run_dir, pairs_file=args.pairs, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from selfplay.models import hf
+
+    run = hf.import_hf(args.src_dir, args.run_dir)
+    print(f"imported {args.src_dir} into {run}: config.yaml, tokenizer.json, policy/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfplay",
@@ -89,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the run's config, e.g. actor.temperature=0.7")
     gen.set_defaults(fn=_cmd_generate)
+
+    imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Hugging Face Llama/Mistral/Qwen2 checkpoint")
+    imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
+    imp.add_argument("run_dir", help="a new run directory")
+    imp.set_defaults(fn=_cmd_import_hf)
+
+    crit = sub.add_parser("critic", help="the learned reward model: train it on labelled pairs")
+    csub = crit.add_subparsers(dest="critic_command", metavar="CRITIC_COMMAND", required=True)
+    ct = csub.add_parser("train", help="label pairs, train the critic for RUN_DIR's policy, save it to RUN_DIR/critic/")
+    ct.add_argument("--run-dir", required=True, help="run directory with a policy (from `selfplay pretrain`)")
+    ct.add_argument("--pairs", default=None, help="TRL preference JSONL ({prompt?, chosen, rejected} per line) instead of world labels")
+    ct.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ct.add_argument("--config", default=None, help="YAML config file (default: RUN_DIR/config.yaml)")
+    ct.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. critic.steps=100")
+    ct.set_defaults(fn=_cmd_critic_train)
     return parser
 
 

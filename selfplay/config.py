@@ -148,7 +148,8 @@ class PretrainConfig:
     """Supervised next-token training of the initial (SFT) policy on the human corpus."""
 
     steps: int = 600
-    batch_size: int = 32
+    seq_len: int = 256  # examples are packed end to end into rows of this many tokens
+    batch_size: int = 16  # rows per step
     lr: float = 3e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
@@ -161,21 +162,30 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CriticConfig:
-    """The learned reward model (Bradley-Terry), optionally an ensemble."""
+    """The learned reward model (Bradley-Terry on a transformer trunk), optionally an ensemble."""
 
     model: ModelConfig = ModelConfig(d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
-    init_from_policy: bool = False
+    init_from_policy: bool = False  # start the trunk from the policy's params (needs critic.model shaped like model)
     ensemble_size: int = 1
     combine: Literal["mean", "min", "mean_minus_std"] = "mean"
     uncertainty_coef: float = 1.0  # lambda in mean - lambda * std
-    bootstrap: bool = False
+    bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training pairs
+    label_source: Literal["world", "discriminator", "file"] = "world"  # file: `critic train --pairs FILE.jsonl`
+    # Labels for the whole run. `critic train` spends all of it but the refreshes' reserve,
+    # refresh_budget * (run.rounds // refresh_every).
     label_budget: int = 2000
     label_noise: float = 0.0
+    heldout_fraction: float = 0.1  # share of the labelled pairs kept out of training, for accuracy
     margin: float = 0.0
-    centering_coef: float = 0.0
+    centering_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2), which pins rewards near 0
     lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
     steps: int = 300
-    batch_size: int = 32
+    batch_size: int = 32  # pairs per step (and prompts per sampling call while collecting pairs)
+    seq_buckets: tuple[int, ...] = (128, 192, 256, 384)  # a batch is right-padded to the smallest that fits
+    eval_samples: int = 128  # fresh policy essays scored against the gold grader (Spearman)
+    norm_momentum: float = 0.99  # EMA of the reward normaliser over scored batches
     refresh_every: int = 0  # rounds; 0: never
     refresh_budget: int = 64
     refresh_steps: int = 20
@@ -187,6 +197,23 @@ class CriticConfig:
             raise ConfigError(f"{prefix}.ensemble_size must be >= 1, got {self.ensemble_size}")
         if not 0.0 <= self.label_noise <= 0.5:
             raise ConfigError(f"{prefix}.label_noise must be in [0, 0.5], got {self.label_noise}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"{prefix}.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("label_budget", "steps", "refresh_every", "refresh_budget", "refresh_steps", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{prefix}.batch_size must be >= 1, got {self.batch_size}")
+        if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)) or self.seq_buckets[0] < 2:
+            raise ConfigError(f"{prefix}.seq_buckets must be non-empty, strictly increasing and >= 2, got {list(self.seq_buckets)}")
+        if self.seq_buckets[-1] > self.model.max_seq_len:
+            raise ConfigError(
+                f"{prefix}.seq_buckets max ({self.seq_buckets[-1]}) exceeds {prefix}.model.max_seq_len ({self.model.max_seq_len})"
+            )
+        if not 0.0 <= self.norm_momentum < 1.0:
+            raise ConfigError(f"{prefix}.norm_momentum must be in [0, 1), got {self.norm_momentum}")
+        if self.uncertainty_coef < 0:
+            raise ConfigError(f"{prefix}.uncertainty_coef must be >= 0, got {self.uncertainty_coef}")
 
 
 @dataclasses.dataclass(frozen=True)

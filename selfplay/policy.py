@@ -46,12 +46,12 @@ def init_policy(cfg: Config, tokenizer: Tokenizer, seed: int) -> Policy:
 
 def abstract_params(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params of ShapeDtypeStructs) for `cfg.model`, built without allocating weights."""
-    return transformer.split(nnx.eval_shape(lambda: transformer.create_model(cfg.model, 0)))
+    return transformer.split(transformer.abstract_model(cfg.model))
 
 
-def params_to_tree(params: nnx.State) -> dict:
+def params_to_tree(params: nnx.State | dict) -> dict:
     """The params as a plain nested dict of arrays (what orbax stores)."""
-    return nnx.to_pure_dict(params)
+    return params if isinstance(params, dict) else nnx.to_pure_dict(params)
 
 
 def tree_to_params(cfg: Config, tree: dict) -> tuple[nnx.GraphDef, nnx.State]:
@@ -60,12 +60,13 @@ def tree_to_params(cfg: Config, tree: dict) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, abstract
 
 
-def save_policy(run_dir: str | Path, policy: Policy, meta: dict | None = None) -> Path:
-    """Write config.yaml, tokenizer.json and the params to `run_dir/policy/` (synchronous, atomic)."""
+def save_policy(run_dir: str | Path, cfg: Config, tokenizer: Tokenizer, params: nnx.State | dict, meta: dict | None = None) -> Path:
+    """Write the params to `run_dir/policy/` (synchronous, atomic), tokenizer.json, then config.yaml, which
+    comes last because it marks a complete run directory."""
     run_dir = Path(run_dir)
-    save_config(policy.cfg, run_dir)
-    policy.tokenizer.save(run_dir / TOKENIZER_FILE)
-    checkpoint.save_once(run_dir / POLICY_DIR, params_to_tree(policy.params), meta)
+    checkpoint.save_once(run_dir / POLICY_DIR, params_to_tree(params), meta)
+    tokenizer.save(run_dir / TOKENIZER_FILE)
+    save_config(cfg, run_dir)
     return run_dir / POLICY_DIR
 
 

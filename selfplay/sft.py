@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,29 +26,50 @@ from selfplay.policy import Generator, Policy, init_policy, save_policy
 from selfplay.tokenizer import Tokenizer
 from selfplay.world.essays import World, mean_scores
 
-SEQ_MULTIPLE = 32  # example buffers are padded to a multiple of this: one compilation for the whole run
+class Packed(NamedTuple):
+    """Examples packed end to end into rows of a fixed length (one compilation for the run).
+
+    tokens_bl, loss_mask_bl (1 on essay tokens and EOS), segment_ids_bl (1.. per example, 0 on padding),
+    positions_bl (restarting at 0 for each example).
+    """
+
+    tokens_bl: np.ndarray
+    loss_mask_bl: np.ndarray
+    segment_ids_bl: np.ndarray
+    positions_bl: np.ndarray
 
 
-def encode_corpus(tokenizer: Tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (tokens_bl, loss_mask_bl) of `[bos] prompt [sep] essay [eos]` examples."""
+def pack_examples(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> Packed:
+    """Pack `[bos] prompt [sep] essay [eos]` examples into rows of `seq_len`, first fit in the given order."""
     encoded = [tokenizer.encode_example(p, e) for p, e in pairs]
-    longest = max(len(ids) for ids, _ in encoded)
-    length = min(-(-longest // SEQ_MULTIPLE) * SEQ_MULTIPLE, max_seq_len)
-    if longest > length:
-        raise UserError(f"a corpus example has {longest} tokens, more than model.max_seq_len ({max_seq_len})")
-    tokens = np.full((len(encoded), length), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(encoded), length), np.float32)
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    room: list[int] = []
     for i, (ids, m) in enumerate(encoded):
-        tokens[i, : len(ids)] = ids
-        mask[i, : len(ids)] = m
-    return tokens, mask
-
-
-def _lengths_to_inputs(tokens_bl: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
-    """Positions and validity of right-padded rows (every row starts with BOS, so pad only trails)."""
-    valid_bl = tokens_bl != pad_id
-    positions_bl = jnp.broadcast_to(jnp.arange(tokens_bl.shape[1], dtype=jnp.int32), tokens_bl.shape)
-    return positions_bl, valid_bl
+        if len(ids) > seq_len:
+            raise UserError(f"corpus example {i} has {len(ids)} tokens, more than pretrain.seq_len ({seq_len})")
+        for r, free in enumerate(room):
+            if free >= len(ids):
+                rows[r].append((ids, m))
+                room[r] -= len(ids)
+                break
+        else:
+            rows.append([(ids, m)])
+            room.append(seq_len - len(ids))
+    shape = (len(rows), seq_len)
+    tokens = np.full(shape, tokenizer.pad_id, np.int32)
+    mask = np.zeros(shape, np.float32)
+    seg = np.zeros(shape, np.int32)
+    pos = np.zeros(shape, np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, (ids, m) in enumerate(row, start=1):
+            n = len(ids)
+            tokens[r, at : at + n] = ids
+            mask[r, at : at + n] = m
+            seg[r, at : at + n] = k
+            pos[r, at : at + n] = np.arange(n)
+            at += n
+    return Packed(tokens, mask, seg, pos)
 
 
 def make_optimizer(pcfg: PretrainConfig) -> optax.GradientTransformation:
@@ -65,20 +86,21 @@ def make_optimizer(pcfg: PretrainConfig) -> optax.GradientTransformation:
     )
 
 
-def make_sft_fns(graphdef: Any, optimizer: optax.GradientTransformation, pad_id: int) -> tuple[Callable, Callable]:
+def make_sft_fns(graphdef: Any, optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
     """(train_step, eval_nll): jitted; train_step donates params and optimiser state."""
 
-    def nll(params, tokens_bl, mask_bl):
-        positions_bl, valid_bl = _lengths_to_inputs(tokens_bl, pad_id)
-        logprobs_bl, _ = transformer.token_logprobs(graphdef, params, tokens_bl, positions_bl, valid_bl)
-        return -jnp.sum(logprobs_bl * mask_bl), jnp.sum(mask_bl)
+    def nll(params, batch: Packed):
+        logprobs_bl, _ = transformer.token_logprobs(
+            graphdef, params, batch.tokens_bl, batch.positions_bl, batch.segment_ids_bl > 0, batch.segment_ids_bl
+        )
+        return -jnp.sum(logprobs_bl * batch.loss_mask_bl), jnp.sum(batch.loss_mask_bl)
 
-    def loss_fn(params, tokens_bl, mask_bl):
-        total, count = nll(params, tokens_bl, mask_bl)
+    def loss_fn(params, batch: Packed):
+        total, count = nll(params, batch)
         return total / jnp.maximum(count, 1.0)
 
-    def train_step(params, opt_state, tokens_bl, mask_bl):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens_bl, mask_bl)
+    def train_step(params, opt_state, batch: Packed):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {
@@ -91,10 +113,15 @@ def make_sft_fns(graphdef: Any, optimizer: optax.GradientTransformation, pad_id:
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(nll)
 
 
-def heldout_perplexity(eval_nll: Callable, params: Any, tokens: np.ndarray, mask: np.ndarray, batch: int) -> float:
+def _rows(packed: Packed, idx: Any) -> Packed:
+    return Packed(*(x[idx] for x in packed))
+
+
+def heldout_perplexity(eval_nll: Callable, params: Any, packed: Packed, batch: int) -> float:
+    """exp(mean NLL per loss token) over the held-out rows (whole batches; the remainder is left out)."""
     total, count = 0.0, 0.0
-    for start in range(0, len(tokens) - batch + 1, batch):
-        t, c = eval_nll(params, tokens[start : start + batch], mask[start : start + batch])
+    for start in range(0, len(packed.tokens_bl) - batch + 1, batch):
+        t, c = eval_nll(params, _rows(packed, slice(start, start + batch)))
         total += float(t)
         count += float(c)
     return math.exp(total / max(count, 1.0))
@@ -110,30 +137,32 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
     tokenizer = Tokenizer.train([p for p, _ in pairs] + [e for _, e in pairs], cfg.world.tokenizer_vocab_size)
     policy = init_policy(cfg, tokenizer, cfg.run.seed)
 
-    tokens, mask = encode_corpus(tokenizer, pairs, cfg.model.max_seq_len)
-    n_heldout = max(pcfg.batch_size, int(len(tokens) * pcfg.heldout_fraction))
-    if len(tokens) - n_heldout < pcfg.batch_size:
+    n_heldout = max(1, int(len(pairs) * pcfg.heldout_fraction))
+    order = np.random.default_rng([cfg.run.seed, 2]).permutation(len(pairs))
+    train = pack_examples(tokenizer, [pairs[i] for i in order[n_heldout:]], pcfg.seq_len)
+    held = pack_examples(tokenizer, [pairs[i] for i in order[:n_heldout]], pcfg.seq_len)
+    if len(train.tokens_bl) < pcfg.batch_size or len(held.tokens_bl) < pcfg.batch_size:
         raise UserError(
-            f"world.corpus_size ({len(tokens)}) is too small for pretrain.batch_size ({pcfg.batch_size}) plus a held-out split"
+            f"world.corpus_size ({len(pairs)}) packs into {len(train.tokens_bl)} training and {len(held.tokens_bl)} "
+            f"held-out rows of pretrain.seq_len ({pcfg.seq_len}), fewer than pretrain.batch_size ({pcfg.batch_size}); "
+            "raise world.corpus_size or pretrain.heldout_fraction, or lower pretrain.batch_size"
         )
-    train_t, train_m = tokens[n_heldout:], mask[n_heldout:]
-    held_t, held_m = tokens[:n_heldout], mask[:n_heldout]
 
     optimizer = make_optimizer(pcfg)
     params = policy.params
     opt_state = optimizer.init(params)
-    train_step, eval_nll = make_sft_fns(policy.graphdef, optimizer, tokenizer.pad_id)
-    batches = minibatches(len(train_t), pcfg.batch_size, np.random.default_rng([cfg.run.seed, 1]))
+    train_step, eval_nll = make_sft_fns(policy.graphdef, optimizer)
+    batches = minibatches(len(train.tokens_bl), pcfg.batch_size, np.random.default_rng([cfg.run.seed, 1]))
 
     history: list[dict] = []
-    ppl0 = heldout_perplexity(eval_nll, params, held_t, held_m, pcfg.batch_size)
+    ppl0 = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
     columns = [TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("pretrain", total=pcfg.steps, status="")
         loss_ema = None
         for step in range(1, pcfg.steps + 1):
             idx = next(batches)
-            params, opt_state, m = train_step(params, opt_state, train_t[idx], train_m[idx])
+            params, opt_state, m = train_step(params, opt_state, _rows(train, idx))
             if step % 10 == 0 or step == pcfg.steps:
                 loss = float(m["loss"])
                 if not math.isfinite(loss):
@@ -141,20 +170,24 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
                 loss_ema = loss if loss_ema is None else 0.8 * loss_ema + 0.2 * loss
                 row = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
                 if step % pcfg.eval_every == 0 or step == pcfg.steps:
-                    row["heldout_ppl"] = heldout_perplexity(eval_nll, params, held_t, held_m, pcfg.batch_size)
+                    row["heldout_ppl"] = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
+                    if not progress:
+                        log(f"pretrain step {step}/{pcfg.steps}: loss {loss:.3f}, held-out perplexity {row['heldout_ppl']:.3f}")
                 history.append(row)
                 bar.update(task, status=f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else ""))
             bar.update(task, advance=1)
     train_seconds = time.perf_counter() - t0
 
     policy.params = params
-    save_policy(run_dir, policy, meta={"kind": "sft", "steps": pcfg.steps})
+    save_policy(run_dir, cfg, tokenizer, params, meta={"kind": "sft", "steps": pcfg.steps})
 
     gold = sample_and_grade(policy, world, cfg, n=pcfg.sample_essays, seed=cfg.run.seed + 12345)
     report = {
         "steps": pcfg.steps,
         "train_seconds": round(train_seconds, 1),
-        "tokens_per_example_mean": float((tokens != tokenizer.pad_id).sum(1).mean()),
+        "examples": len(pairs),
+        "packed_rows": int(len(train.tokens_bl)),
+        "row_fill": float((train.segment_ids_bl > 0).mean()),
         "heldout_ppl_initial": ppl0,
         "heldout_ppl": history[-1]["heldout_ppl"],
         "final_loss": history[-1]["loss"],

@@ -213,7 +213,6 @@ def test_import_hf_writes_a_run_dir_whose_params_restore_equal(tmp_path):
     cfg, params, tok = hf.load_hf(FIXTURES / "qwen2")
     assert load_config(run / "config.yaml").model == cfg
     assert (run / "tokenizer.json").read_text() == tok.tk.to_str(pretty=True)
-    _assert_trees_equal(hf.load_policy_params(run, cfg), params)
     stored = policy.load_policy(run)  # what pretrain, generate and train read
     assert stored.cfg.model == cfg and stored.tokenizer.eos_id == tok.eos_id
     _assert_trees_equal(nnx.to_pure_dict(stored.params), params)
@@ -310,3 +309,16 @@ def test_sharded_checkpoint_problems_name_the_shard(tmp_path):
     (d / "config.json").unlink()
     with pytest.raises(UserError, match="cannot read .*config.json"):
         hf.load_hf(d)
+
+
+def test_import_hf_cli_then_generate(tmp_path, capsys):
+    from selfplay.cli import main
+
+    run = tmp_path / "imported"
+    assert main(["import-hf", str(FIXTURES / "llama"), str(run)]) == 0
+    assert "imported" in capsys.readouterr().out
+    assert main(["generate", "--run-dir", str(run), "--prompt", "hello", "actor.max_new_tokens=4", "actor.prompt_buckets=[16]"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["prompt"] == "hello" and isinstance(row["essay"], str)
+    assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "r2")]) == 2
+    assert "nowhere" in capsys.readouterr().err

@@ -246,3 +246,20 @@ def test_bfloat16_compute_keeps_float32_logits_and_exposes_hidden_states():
     f32_logits, _ = fwd(graphdef, params, tokens, positions, valid)
     v = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(logits)[v], np.asarray(f32_logits)[v], atol=0.15, rtol=0.05)
+
+
+def test_packed_segments_equal_separate_rows():
+    """Two sequences packed into one row (segment ids, positions restarting) give each its own log-probs."""
+    cfg = GQA
+    graphdef, params = _model(cfg)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(1, cfg.vocab_size, 7), rng.integers(1, cfg.vocab_size, 5)
+    packed = np.concatenate([a, b, [0, 0]])[None]
+    seg = np.array([[1] * 7 + [2] * 5 + [0, 0]])
+    pos = np.array([list(range(7)) + list(range(5)) + [0, 0]])
+    lp_packed, _ = transformer.token_logprobs(graphdef, params, jnp.asarray(packed), jnp.asarray(pos), jnp.asarray(seg > 0), jnp.asarray(seg))
+    for seq, start in ((a, 0), (b, 7)):
+        n = len(seq)
+        lp, _ = transformer.token_logprobs(graphdef, params, jnp.asarray(seq[None]), jnp.arange(n)[None], jnp.ones((1, n), bool))
+        np.testing.assert_allclose(np.asarray(lp_packed[0, start : start + n]), np.asarray(lp[0]), atol=1e-5)
+    assert float(lp_packed[0, 7]) == 0.0  # a segment's first token has no context

@@ -41,8 +41,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from selfplay import checkpoint
-from selfplay.config import Config, ModelConfig, UserError, save_config
+from selfplay.config import Config, ModelConfig, UserError
 from selfplay.models import transformer
 from selfplay.tokenizer import Tokenizer
 
@@ -52,7 +51,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
-POLICY_DIR = "policy"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # config.json fields that describe the file or generation, never the forward pass (also any "_private" key).
@@ -102,7 +100,7 @@ _DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.
 
 def abstract_params(cfg: ModelConfig) -> dict:
     """The pure-dict param tree of `cfg` as ShapeDtypeStructs (no weights allocated)."""
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: transformer.create_model(cfg, 0))))
+    return nnx.to_pure_dict(nnx.state(transformer.abstract_model(cfg)))
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -514,20 +512,13 @@ def import_hf(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     """Make `run_dir` an initial policy from a Hugging Face checkpoint: config.yaml (default config, model
     section from config.json), tokenizer.json, and the params as an orbax checkpoint in policy/. Refuses a
     directory that already holds a run, so nothing is overwritten. Returns `run_dir`."""
+    from selfplay.policy import POLICY_DIR, save_policy
+
     run = Path(run_dir)
     policy_dir = run / POLICY_DIR
     if (run / "config.yaml").exists() or (policy_dir.is_dir() and any(policy_dir.iterdir())):
         raise UserError(f"{run} already holds a run (config.yaml or {POLICY_DIR}/); import into a fresh directory")
     model_cfg, params, tokenizer, arch = _load(src_dir)
     cfg = dataclasses.replace(Config(), model=model_cfg).validate()
-    meta = {"imported_from": str(Path(src_dir).absolute()), "architecture": arch}
-    checkpoint.save_once(policy_dir, params, meta)
-    tokenizer.save(run / TOKENIZER_FILE)
-    save_config(cfg, run)  # last: config.yaml is what marks a complete run directory
+    save_policy(run, cfg, tokenizer, params, {"imported_from": str(Path(src_dir).absolute()), "architecture": arch})
     return run
-
-
-def load_policy_params(run_dir: str | os.PathLike, model_cfg: ModelConfig) -> dict:
-    """The params (pure dict) of `run_dir/policy/`'s latest checkpoint, restored against `model_cfg`'s shapes."""
-    tree, _, _ = checkpoint.restore_latest(Path(run_dir) / POLICY_DIR, abstract_params(model_cfg))
-    return tree

@@ -121,6 +121,7 @@ class Transformer(nnx.Module):
         *,
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
+        segment_ids_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states (after the final norm, compute dtype) [B, T, d_model] and the updated cache.
 
@@ -129,6 +130,7 @@ class Transformer(nnx.Module):
         Without a cache: causal attention among the T tokens, masked to valid keys.
         With a cache: the T tokens are written to slots cache_index..cache_index+T (the same for every row) and
         each attends causally to the valid slots up to its own.
+        segment_ids_bt: packed rows (no cache): a token attends only to tokens of its own segment.
         """
         cfg = self.cfg
         cdt = _DTYPES[cfg.compute_dtype]
@@ -147,6 +149,9 @@ class Transformer(nnx.Module):
             q_slot_t = cache_index + jnp.arange(t)
         s = key_valid_bs.shape[1]
         mask_bts = key_valid_bs[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slot_t[None, :, None])
+        if segment_ids_bt is not None:
+            assert cache is None, "packed segments are for training forwards, not the cache"
+            mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
 
         def block(carry, xs):
             h_btd, k_cache, v_cache = carry
@@ -198,8 +203,11 @@ class Transformer(nnx.Module):
         *,
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
+        segment_ids_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        h_btd, cache = self.hidden(tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index)
+        h_btd, cache = self.hidden(
+            tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index, segment_ids_bt=segment_ids_bt
+        )
         return self.logits(h_btd), cache
 
 
@@ -247,6 +255,11 @@ def create_model(cfg: ModelConfig, rng: jax.Array | int) -> Transformer:
     return Transformer(cfg, rngs=nnx.Rngs(params=key))
 
 
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStructs for weights (nothing allocated): restore targets, shardings."""
+    return nnx.eval_shape(lambda: create_model(cfg, 0))
+
+
 def split(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params): graphdef is static (a pytree without leaves), params the nnx.State of Params."""
     return nnx.split(model)
@@ -265,9 +278,12 @@ def forward(
     *,
     cache: KVCache | None = None,
     cache_index: jax.Array | int | None = None,
+    segment_ids_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Pure forward for jitted code: (float32 logits_btv, new cache or None)."""
-    return merge(graphdef, params)(tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index)
+    return merge(graphdef, params)(
+        tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index, segment_ids_bt=segment_ids_bt
+    )
 
 
 def token_logprobs(
@@ -276,20 +292,24 @@ def token_logprobs(
     tokens_bl: jax.Array,
     positions_bl: jax.Array,
     valid_bl: jax.Array,
+    segment_ids_bl: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log pi(tokens_bl[:, t] | tokens_bl[:, <t]) and the entropy of that predictive distribution.
 
     The plain policy (temperature 1, no truncation), aligned like `Rollout.logprobs_bl`: entry t is predicted
     from the logits at t-1. Entries are 0 at column 0, where token t is padding, and where token t-1 is padding
-    (a left-padded row's first token has no context). Float32 [B, L] each.
+    (a left-padded row's first token has no context), or, in packed rows (`segment_ids_bl`), where token t
+    starts a new segment. Float32 [B, L] each.
     """
-    logits_blv, _ = forward(graphdef, params, tokens_bl, positions_bl, valid_bl)
+    logits_blv, _ = forward(graphdef, params, tokens_bl, positions_bl, valid_bl, segment_ids_bt=segment_ids_bl)
     logp_blv = jax.nn.log_softmax(logits_blv[:, :-1], axis=-1)
     target_bl = tokens_bl[:, 1:]
     lp_bl = jnp.take_along_axis(logp_blv, target_bl[..., None], axis=-1)[..., 0]
     ent_bl = -jnp.sum(jnp.exp(logp_blv) * logp_blv, axis=-1)
     valid = valid_bl.astype(bool)
     keep_bl = valid[:, 1:] & valid[:, :-1]
+    if segment_ids_bl is not None:
+        keep_bl = keep_bl & (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1])
     pad_b1 = jnp.zeros((tokens_bl.shape[0], 1), jnp.float32)
     lp_bl = jnp.concatenate([pad_b1, jnp.where(keep_bl, lp_bl, 0.0)], axis=1)
     ent_bl = jnp.concatenate([pad_b1, jnp.where(keep_bl, ent_bl, 0.0)], axis=1)
