@@ -250,6 +250,23 @@ class LearnerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """Alarms for over-optimisation (proxy up, gold down), KL growth and diversity collapse."""
+
+    window: int = 8  # rounds over which reward and gold trends are compared
+    min_change: float = 0.02  # both trends must move at least this much over the window
+    kl_max: float = 0.0  # alarm when KL to the reference exceeds this; 0: off
+    collapse_fraction: float = 0.8  # alarm when distinct-2 falls below this fraction of the SFT policy's
+    stop_on_alarm: bool = False  # stop the run (after a checkpoint) when any alarm fires
+
+    def validate(self, prefix: str) -> None:
+        if self.window < 2:
+            raise ConfigError(f"{prefix}.window must be >= 2, got {self.window}")
+        if not 0.0 <= self.collapse_fraction <= 1.0:
+            raise ConfigError(f"{prefix}.collapse_fraction must be in [0, 1], got {self.collapse_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The run: seed, rounds and how often to log, refresh and checkpoint."""
 
@@ -278,6 +295,7 @@ class Config:
     learner: LearnerConfig = LearnerConfig()
     world: WorldConfig = WorldConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
 
