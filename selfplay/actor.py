@@ -124,13 +124,23 @@ def sample_token(
 # ----------------------------------------------------------------------------------------------
 
 
-def make_sampler(model_cfg: ModelConfig, actor_cfg: ActorConfig, *, eos_id: int, pad_id: int) -> Callable:
+def make_sampler(
+    model_cfg: ModelConfig,
+    actor_cfg: ActorConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+    constrain_cache: Callable[[transformer.KVCache], transformer.KVCache] | None = None,
+) -> Callable:
     """`sample(graphdef, params, prompt_tokens_bp, prompt_len_b, rng, samples_per_prompt=None)`, one jitted program.
 
     Returns (Rollout with B = n_prompts * G rows, row = prompt * G + g, and L = P + max_new_tokens;
     {"decode_steps": int32, the one-token forward passes run after the prefill}). samples_per_prompt is static
     (None: actor.samples_per_prompt). One compilation per (P, n_prompts, G).
+    constrain_cache: applied to the KV cache when it is made and when it is copied per sample, to pin its
+    placement on a mesh (`selfplay.sharding.kv_cache_constraint`); None: left to the compiler.
     """
+    constrain = constrain_cache or (lambda cache: cache)
     max_new = actor_cfg.max_new_tokens
     if max(actor_cfg.prompt_buckets) + max_new > model_cfg.max_seq_len:
         raise ConfigError(
@@ -158,12 +168,12 @@ def make_sampler(model_cfg: ModelConfig, actor_cfg: ActorConfig, *, eos_id: int,
             prompt_tokens_bp,
             jnp.maximum(col_p - start_n1, 0),
             col_p >= start_n1,
-            cache=transformer.init_cache(model_cfg, n, l),
+            cache=constrain(transformer.init_cache(model_cfg, n, l)),
             cache_index=0,
         )
-        cache = transformer.KVCache(
+        cache = constrain(transformer.KVCache(
             jnp.repeat(cache.k_nbshd, g, axis=1), jnp.repeat(cache.v_nbshd, g, axis=1), jnp.repeat(cache.valid_bs, g, axis=0)
-        )
+        ))
         len_b = jnp.repeat(prompt_len_n, g)
         tokens_bl = jnp.concatenate(
             [jnp.repeat(prompt_tokens_bp.astype(jnp.int32), g, axis=0), jnp.full((b, max_new), pad_id, jnp.int32)], axis=1
