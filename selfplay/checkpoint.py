@@ -138,6 +138,25 @@ class Checkpointer:
         self.close()
 
 
+def flatten_tree(tree: Any) -> dict[str, Any]:
+    """{"path/to/leaf": array} for any pytree (NamedTuples, nnx.State, optax states): what `Checkpointer` stores
+    for states whose node types orbax need not know. Paths are jax key paths, readable in the files."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[jax.tree_util.keystr(path, simple=True, separator="/")] = leaf
+    return flat
+
+
+def unflatten_like(abstract: Any, flat: dict[str, Any]) -> Any:
+    """Inverse of `flatten_tree`, shaped like `abstract` (a tree of arrays or ShapeDtypeStructs)."""
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in paths_leaves]
+    missing = [k for k in keys if k not in flat]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} entries of the expected state, e.g. {missing[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+
+
 def save_once(directory: str | Path, state: Any, meta: dict | None = None, step: int = 0) -> None:
     """Write one synchronous checkpoint (e.g. the SFT policy) and wait for it."""
     with Checkpointer(directory, keep_last=1, async_save=False) as ckpt:

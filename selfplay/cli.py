@@ -74,6 +74,29 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- self-play ---------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from selfplay import loop
+
+    loop.train(args.run_dir, args.config, list(args.overrides), progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from selfplay import loop
+
+    result = loop.evaluate_checkpoint(args.run_dir, args.checkpoint)
+    if args.json:
+        print(json.dumps(loop._json_safe(result)))
+    else:
+        loop.print_table(result["sft"], result["final"], f"SFT vs round {result['step']} of {args.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfplay",
@@ -110,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the run's config, e.g. actor.temperature=0.7")
     gen.set_defaults(fn=_cmd_generate)
 
+    tr = sub.add_parser("train", help="the self-play loop: SFT and critic if missing, then rounds; resumes RUN_DIR")
+    tr.add_argument("--run-dir", required=True, help="run directory (resumed from its latest checkpoint if it has one)")
+    tr.add_argument("--no-progress", action="store_true", help="one log line per round instead of a progress bar")
+    _add_config_args(tr)
+    tr.set_defaults(fn=_cmd_train)
+
+    ev = sub.add_parser("eval", help="the SFT-vs-trained table on held-out prompts for a checkpoint of RUN_DIR")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--checkpoint", type=int, default=None, help="round of the checkpoint (default: the latest)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(fn=_cmd_eval)
+
     imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Hugging Face Llama/Mistral/Qwen2 checkpoint")
     imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
     imp.add_argument("run_dir", help="a new run directory")
@@ -127,7 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """orbax logs routine notes (read-only managers, temporary directories) as absl warnings; a user needs none."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn

@@ -164,7 +164,8 @@ class PretrainConfig:
 class CriticConfig:
     """The learned reward model (Bradley-Terry on a transformer trunk), optionally an ensemble."""
 
-    model: ModelConfig = ModelConfig(d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
+    # Small on purpose: the default job trains it from scratch on ~2000 pairs in about a minute of CPU.
+    model: ModelConfig = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192)
     init_from_policy: bool = False  # start the trunk from the policy's params (needs critic.model shaped like model)
     ensemble_size: int = 1
     combine: Literal["mean", "min", "mean_minus_std"] = "mean"
@@ -179,11 +180,13 @@ class CriticConfig:
     margin: float = 0.0
     centering_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2), which pins rewards near 0
     lr: float = 1e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1  # a from-scratch model memorises a few thousand pairs quickly
     max_grad_norm: float = 1.0
-    steps: int = 300
+    steps: int = 120
     batch_size: int = 32  # pairs per step (and prompts per sampling call while collecting pairs)
-    seq_buckets: tuple[int, ...] = (128, 192, 256, 384)  # a batch is right-padded to the smallest that fits
+    # A batch is right-padded to the smallest that fits; batches group pairs of similar length, so more buckets pad
+    # less (each costs one compilation).
+    seq_buckets: tuple[int, ...] = (128, 160, 192, 256, 384)
     eval_samples: int = 128  # fresh policy essays scored against the gold grader (Spearman)
     norm_momentum: float = 0.99  # EMA of the reward normaliser over scored batches
     refresh_every: int = 0  # rounds; 0: never
@@ -275,16 +278,84 @@ class RunConfig:
     log_every: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
-    eval_prompts: int = 64
+    eval_prompts: int = 64  # held-out prompts of the final SFT-vs-trained table (two essays each)
+    train_prompts: int = 4096  # size of the world's training-prompt pool the rounds cycle through
+    prompts_file: str = ""  # JSONL of {"prompt": ...}: train on these instead of the world's prompts (no gold grader)
+    pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
+    reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("rounds", "log_every", "checkpoint_every", "keep_checkpoints", "eval_prompts", "train_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated; a list: the dimension is split over several mesh axes).
+# Its names are every logical name a parameter or batch may carry (see selfplay.models.transformer).
+DEFAULT_MESH_RULES: tuple[tuple[str | None | tuple[str, ...], ...], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("ensemble", None),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh and the logical-axis -> mesh-axis rules (-1: all remaining devices)."""
+    """Device mesh (data x fsdp x tensor; -1: all remaining devices), the logical-axis -> mesh-axis rules, and how
+    a multi-host run finds its peers (see selfplay.sharding.initialize_distributed)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # [logical, mesh axis | null | [mesh axes]] pairs; a pair overrides that logical name's default (DEFAULT_MESH_RULES),
+    # names not listed keep theirs.
+    rules: tuple[tuple[str | None | tuple[str, ...], ...], ...] = DEFAULT_MESH_RULES
+    # Multi-host. Unset fields fall back to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to
+    # jax's cluster auto-detection (TPU pods, SLURM, Open MPI). One process needs none of them.
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0: from the environment
+    process_id: int = -1  # -1: from the environment
+    multihost: bool = False  # start jax.distributed even with nothing above set (auto-detection on TPU pods)
+
+    def validate(self, prefix: str) -> None:
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"{prefix}.{name} must be a positive device count or -1 (all remaining devices), got {size}")
+        if sum(size == -1 for size in sizes.values()) > 1:
+            auto = [f"{prefix}.{n}" for n, s in sizes.items() if s == -1]
+            raise ConfigError(f"only one mesh axis may be -1 (all remaining devices), got {' and '.join(auto)}")
+        known = [name for name, _ in DEFAULT_MESH_RULES]
+        for i, rule in enumerate(self.rules):
+            key = f"{prefix}.rules[{i}]"
+            if len(rule) != 2 or not isinstance(rule[0], str):
+                raise ConfigError(f"{key}: expected a [logical axis, mesh axis or null or list of mesh axes] pair, got {list(rule)}")
+            logical, target = rule
+            if logical not in known:
+                close = difflib.get_close_matches(logical, known, n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{key}: unknown logical axis '{logical}'{hint} (known: {', '.join(known)})")
+            axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+            for axis in axes:
+                if axis not in MESH_AXES:
+                    raise ConfigError(f"{key}: '{logical}' maps to unknown mesh axis '{axis}' (mesh axes: {', '.join(MESH_AXES)})")
+            if len(set(axes)) != len(axes):
+                raise ConfigError(f"{key}: '{logical}' names a mesh axis twice: {list(axes)}")
+        if self.num_processes < 0:
+            raise ConfigError(f"{prefix}.num_processes must be >= 0 (0: from the environment), got {self.num_processes}")
+        if self.process_id < -1 or (self.num_processes and self.process_id >= self.num_processes):
+            raise ConfigError(
+                f"{prefix}.process_id must be -1 (from the environment) or in [0, {prefix}.num_processes), got {self.process_id}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -200,7 +200,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
         f"pretrain: {pcfg.steps} steps in {train_seconds:.0f} s; held-out perplexity {ppl0:.1f} -> {report['heldout_ppl']:.2f}; "
         f"policy saved to {run_dir / 'policy'}"
     )
-    log("gold sub-scores of sampled essays: " + json.dumps({k: round(v, 3) for k, v in gold.items()}))
+    shown = ("score", "coverage", "hallucination_rate", "repetition_rate", "structure", "fluency")
+    log(f"gold sub-scores of {pcfg.sample_essays} sampled essays: " + ", ".join(f"{k} {gold[k]:.3f}" for k in shown))
     return report
 
 

@@ -62,3 +62,27 @@ def test_missing_checkpoints_name_the_path(tmp_path):
 def test_tree_is_finite():
     assert tree_is_finite({"a": jnp.ones(2), "i": jnp.arange(3)})
     assert not tree_is_finite({"a": jnp.array([1.0, jnp.inf])})
+
+
+def test_flatten_round_trip_of_namedtuples_and_nnx_state(tmp_path):
+    import optax
+    from flax import nnx
+
+    from selfplay.checkpoint import flatten_tree, unflatten_like
+    from selfplay.config import ModelConfig
+    from selfplay.models import transformer
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=16)
+    _, params = transformer.split(transformer.create_model(cfg, 0))
+    opt = optax.adamw(1e-3)
+    tree = {"params": params, "opt": opt.init(params), "step": jnp.int32(7)}
+    flat = flatten_tree(tree)
+    assert "params/layers/q_proj/value" in flat and all(isinstance(k, str) for k in flat)
+    save_once(tmp_path / "flat", flat)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    restored_flat, _, _ = restore_latest(tmp_path / "flat", flatten_tree(abstract))
+    back = unflatten_like(abstract, restored_flat)
+    assert isinstance(back["params"], nnx.State)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, tree)
+    with pytest.raises(CheckpointError, match="lacks"):
+        unflatten_like(abstract, {})
