@@ -5,6 +5,19 @@
     every round: gold grader (when the world is the task), diversity, alarms -> TensorBoard
     every run.checkpoint_every rounds and at the end: one orbax checkpoint of everything needed to resume exactly
 
+Where it runs: `train` starts jax.distributed when the config or environment asks for several processes, then
+builds the ("data", "fsdp", "tensor") mesh from `mesh` (a `sharding.Layout`). Every device array lives on it: the
+policy and frozen reference params load straight into their shards, the learner state (params, optimiser moments,
+PPO value params) and the critic state are placed by their logical axis names, rollouts and rewards are split over
+the batch axes, and the update step, reference log-probs and the critic's score/train steps are pinned to those
+shardings (selfplay.sharding). On one device that is today's single-device run, bit for bit.
+
+Many hosts: every process draws the same prompts from the same seed and feeds its devices their rows; host-side
+work that needs whole arrays (decoding for the gold grader, diversity, the tables) reads them gathered
+(`sharding.to_host`); only the logging process writes TensorBoard, eval.json, eval_sft.json and the console; every
+process saves and restores the orbax checkpoints (restore targets carry the shardings, so a run resumes on another
+mesh). SFT and the initial critic are single-device jobs: a multi-process run needs a run directory that has them.
+
 Run-directory layout: config.yaml, tokenizer.json, policy/ (the SFT or imported policy, also the frozen
 reference), critic/ (the initial critic), checkpoints/ (the loop's state), tb/ (TensorBoard + metrics.jsonl),
 eval.json (the final comparison table).
@@ -18,7 +31,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +40,7 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from selfplay import checkpoint, critic as C, learner
+from selfplay import checkpoint, critic as C, learner, sharding
 from selfplay.config import Config, ConfigError, UserError, load_config, save_config, to_dict
 from selfplay.critic_cli import CRITIC_DIR, train_critic
 from selfplay.data import PromptStream, read_prompts
@@ -44,8 +57,10 @@ TB_DIR = "tb"
 EVAL_FILE = "eval.json"
 SFT_EVAL_FILE = "eval_sft.json"
 
-# Keys a resumed run may change: how long it runs and how it reports, never what it computes.
+# Keys a resumed run may change: how long it runs and how it reports, never what it computes. Every `mesh.*` key
+# may change too: the layout moves arrays between devices, it does not change the maths (only float rounding).
 RESUMABLE_CHANGES = ("run.rounds", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "monitor.stop_on_alarm")
+RESUMABLE_PREFIXES = ("mesh.",)
 
 _TRAIN_PROMPTS_SEED = 0x7EA1
 _EVAL_PROMPTS_SEED = 0xE7A1
@@ -76,7 +91,7 @@ def resolve_config(run_dir: Path, config_path: str | None, overrides: list[str])
     if saved is None:
         return cfg
     if _has_checkpoint(run_dir):
-        diff = [k for k in config_differences(saved, cfg) if k not in RESUMABLE_CHANGES]
+        diff = [k for k in config_differences(saved, cfg) if k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_PREFIXES)]
         if diff:
             raise ConfigError(
                 f"{run_dir} holds a run whose config.yaml differs from the given config in: {', '.join(diff)}. "
@@ -86,6 +101,14 @@ def resolve_config(run_dir: Path, config_path: str | None, overrides: list[str])
     if cfg.model != saved.model:
         cfg = dataclasses.replace(cfg, model=saved.model)
     return cfg
+
+
+def start_distributed(run_dir: Path, config_path: str | None, overrides: list[str]) -> None:
+    """`sharding.initialize_distributed` with the mesh section `resolve_config` will pick; it must run before any
+    JAX computation, and opening a checkpoint directory (orbax asks for the process index) is one."""
+    saved = run_dir / CONFIG_FILE
+    path = str(saved) if config_path is None and saved.is_file() else config_path
+    sharding.initialize_distributed(load_config(path, overrides))
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -132,13 +155,15 @@ def make_task(cfg: Config) -> Task:
 
 
 class Functions:
-    """The compiled functions of a run, one per prompt bucket P (fixed shapes: one compilation each)."""
+    """The compiled functions of a run, one per prompt bucket P (fixed shapes: one compilation each); with a
+    `layout`, the update and reference steps are pinned to its mesh."""
 
-    def __init__(self, cfg: Config, policy: Policy, optimizer: Any, value_graphdef: Any):
+    def __init__(self, cfg: Config, policy: Policy, optimizer: Any, value_graphdef: Any, layout: sharding.Layout | None = None):
         self.cfg = cfg
         self.policy = policy
         self.optimizer = optimizer
         self.value_graphdef = value_graphdef
+        self.layout = layout
         self.logprob_fn = functools.partial(transformer.token_logprobs, policy.graphdef)
         self._update: dict[int, Callable] = {}
         self._reference: dict[int, Callable] = {}
@@ -149,7 +174,7 @@ class Functions:
 
     def update(self, p: int) -> Callable:
         if p not in self._update:
-            self._update[p] = learner.make_update_step(
+            step = learner.make_update_step(
                 self.cfg.learner,
                 group_size=self.cfg.actor.samples_per_prompt,
                 prompt_width=p,
@@ -158,22 +183,38 @@ class Functions:
                 optimizer=self.optimizer,
                 actor_cfg=self.cfg.actor,
             )
+            self._update[p] = step if self.layout is None else self.layout.update_step(step)
         return self._update[p]
 
     def reference(self, p: int) -> Callable:
         if p not in self._reference:
-            self._reference[p] = learner.make_reference_logprobs(self.logprob_fn, prompt_width=p)
+            step = learner.make_reference_logprobs(self.logprob_fn, prompt_width=p)
+            self._reference[p] = step if self.layout is None else self.layout.reference_step(step)
         return self._reference[p]
 
+    def place_batch(self, x_b: np.ndarray) -> jax.Array:
+        """A whole per-row host array (e.g. gold rewards) on the device(s), split like the rollout's rows."""
+        return jnp.asarray(x_b) if self.layout is None else self.layout.place_batch(x_b)
 
-def init_state(cfg: Config, policy: Policy, optimizer: Any) -> tuple[learner.TrainState, Any]:
-    """A fresh learner state from the policy; with PPO a value model initialised from the policy's trunk."""
+
+def place_critic(critic: C.Critic, layout: sharding.Layout) -> None:
+    """The critic's state sharded by its logical names and its score/train steps pinned to the mesh."""
+    critic.state = layout.place_state(critic.state)
+    c = critic.ccfg
+    critic.fns = layout.critic_fns(critic.fns, critic.state, members=c.ensemble_size, rows=2 * c.batch_size)
+
+
+def init_state(cfg: Config, policy: Policy, optimizer: Any, layout: sharding.Layout | None = None) -> tuple[learner.TrainState, Any]:
+    """A fresh learner state from the policy; with PPO a value model initialised from the policy's trunk. With a
+    `layout` every leaf is then placed by its logical axes (moments follow their params; counters replicated)."""
     value_params, value_graphdef = None, None
     if cfg.learner.algorithm == "ppo":
         vm = heads.ValueModel(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.run.seed + 1)))
         nnx.update(vm.trunk, policy.params)
         value_graphdef, value_params = nnx.split(vm, nnx.Param)
     state = learner.init_train_state(cfg.learner, policy.params, optimizer=optimizer, value_params=value_params)
+    if layout is not None:
+        state = layout.place_state(state)
     return state, value_graphdef
 
 
@@ -203,12 +244,13 @@ def evaluate(
         rollout, p = gen.rollout(params, chunk, jax.random.fold_in(key, c), g)
         n = real * g
         essays += gen.completions(rollout, p)[:n]
-        mask = np.asarray(rollout.completion_mask_bl)[:n]
-        lengths += list(mask.sum(1))
         lp, _ = fns.logprob_fn(params, *_inputs(rollout, p))
         ref = fns.reference(p)(ref_params, rollout)
-        kls += list((np.asarray(lp - ref)[:n] * mask).sum(1))
-        rewards.append(np.asarray(critic.fns.score(critic.state, rollout, p).rewards_b)[:n])
+        mask, delta, reward = sharding.to_host((rollout.completion_mask_bl, lp - ref, critic.fns.score(critic.state, rollout, p).rewards_b))
+        mask = mask[:n]
+        lengths += list(mask.sum(1))
+        kls += list((delta[:n] * mask).sum(1))
+        rewards.append(reward[:n])
     rep = [p for p in prompts for _ in range(g)]
     out: dict[str, float] = {}
     gold = task.grade(rep, essays)
@@ -273,7 +315,8 @@ def _device_state(state: learner.TrainState, critic: C.Critic, key: jax.Array) -
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """A restore target: each leaf's shape, dtype and sharding (the array comes back where the fresh one lives)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def _critic_meta(critic: C.Critic) -> dict:
@@ -311,13 +354,20 @@ def train(
     *,
     progress: bool = True,
     console: Console | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict:
     """`selfplay train`: SFT (unless the run directory has a policy), the initial critic (unless it has one),
-    then self-play rounds from the latest complete checkpoint to run.rounds. Returns the final eval table."""
+    then self-play rounds from the latest complete checkpoint to run.rounds. Returns the final eval table.
+
+    The rounds run on the mesh of `mesh` over `devices` (default: every device of every process)."""
     run_dir = Path(run_dir)
-    console = console or Console()
+    start_distributed(run_dir, config_path, list(overrides or []))
+    logging_process = sharding.is_logging_process()
+    console = console if console is not None and logging_process else Console(quiet=not logging_process)
+    progress = progress and logging_process
     log = console.print
     cfg = resolve_config(run_dir, config_path, list(overrides or []))
+    layout = sharding.Layout.from_config(cfg.mesh, devices)
     rc = cfg.run
     if cfg.actor.prompts_per_round * cfg.actor.samples_per_prompt % cfg.learner.minibatches:
         raise ConfigError(
@@ -326,30 +376,39 @@ def train(
         )
     t_run = time.perf_counter()
 
-    if not has_policy(run_dir):
+    need_policy, need_critic = not has_policy(run_dir), not C.has_critic(run_dir / CRITIC_DIR)
+    if (need_policy or need_critic) and jax.process_count() > 1:
+        raise UserError(
+            f"{run_dir} has no {'policy' if need_policy else 'critic'}; on several processes `selfplay train` runs only the "
+            "self-play rounds: prepare the run directory on one host first (`selfplay pretrain` or `selfplay import-hf`, "
+            "then `selfplay critic train`)"
+        )
+    if need_policy:
         if rc.prompts_file:
             raise UserError(f"{run_dir} has no policy; bring one with `selfplay import-hf` or `selfplay pretrain` first")
         log("[bold]1/3 SFT[/bold]: no policy in the run directory, pretraining one on the world's human corpus")
         pretrain(cfg, run_dir, progress=progress, log=log)
-    policy = load_policy(run_dir, cfg)
-    save_config(cfg, run_dir)
+    policy = load_policy(run_dir, cfg, layout=layout)
+    if logging_process:
+        save_config(cfg, run_dir)
     task = make_task(cfg)
 
-    if not C.has_critic(run_dir / CRITIC_DIR):
+    if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=rc.pairs_file or None, progress=progress, log=log)
     critic = C.load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world)
+    place_critic(critic, layout)
     refresh_source = None
     if cfg.critic.refresh_every and task.world is not None and cfg.critic.label_source != "file":
-        critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size)
+        critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
         refresh_source = C.PairSource(task.world, C.generator_sample_fn(critic_gen), cfg.critic.label_source, cfg.critic.batch_size)
 
     ref_params = policy.params
     optimizer = learner.make_optimizer(cfg.learner, learner.num_optimizer_updates(cfg.learner, rc.rounds))
-    state, value_graphdef = init_state(cfg, policy, optimizer)
-    fns = Functions(cfg, policy, optimizer, value_graphdef)
-    gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round)
-    key = jax.random.key(rc.seed)
+    state, value_graphdef = init_state(cfg, policy, optimizer, layout)
+    fns = Functions(cfg, policy, optimizer, value_graphdef, layout)
+    gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round, layout=layout)
+    key = sharding.place(jax.random.key(rc.seed), layout.replicated)
     stream = PromptStream(len(task.train_prompts), rc.seed)
     monitor = Monitor(cfg.monitor)
     start_round, skipped_total = 0, 0
@@ -359,7 +418,8 @@ def train(
         sft_eval = json.loads(sft_eval_path.read_text())
     else:
         sft_eval = evaluate(cfg, gen, ref_params, ref_params, critic, task, fns)
-        sft_eval_path.write_text(json.dumps(sft_eval, indent=2))
+        if logging_process:
+            sft_eval_path.write_text(json.dumps(sft_eval, indent=2))
     monitor.sft_distinct_2 = sft_eval.get("diversity/distinct_2")
 
     best = "gold/score" if task.world is not None else "reward/mean"
@@ -380,7 +440,7 @@ def train(
     if start_round >= rc.rounds:
         log(f"{run_dir} has already run {start_round} of run.rounds={rc.rounds} rounds; raise run.rounds to continue")
 
-    tracker = Tracker(run_dir / TB_DIR, enabled=jax.process_index() == 0)
+    tracker = Tracker(run_dir / TB_DIR, enabled=logging_process)
     n_prompts, g = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt
     stopped_by: str | None = None
     last_metrics: dict = {}
@@ -443,8 +503,9 @@ def train(
         "final": final_eval,
         "last_round": {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))},
     }
-    (run_dir / EVAL_FILE).write_text(json.dumps(_json_safe(result), indent=2))
-    print_table(sft_eval, final_eval, f"SFT vs after {start_round if stopped_by is None and start_round >= rc.rounds else rc.rounds} rounds", console)
+    if logging_process:
+        (run_dir / EVAL_FILE).write_text(json.dumps(_json_safe(result), indent=2))
+        print_table(sft_eval, final_eval, f"SFT vs after {start_round if stopped_by is None and start_round >= rc.rounds else rc.rounds} rounds", console)
     return result
 
 
@@ -490,7 +551,7 @@ def run_round(
     if cfg.run.reward_source == "gold":
         if gold_b is None:
             raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file)")
-        train_rewards = jnp.asarray(gold_b)
+        train_rewards = fns.place_batch(gold_b)
 
     t = time.perf_counter()
     state, m = fns.update(p)(state, learner.Batch(rollout, train_rewards, ref_lp), jax.random.fold_in(key_r, 1))
@@ -501,16 +562,17 @@ def run_round(
     if refresh_source is not None and rnd % cfg.critic.refresh_every == 0:
         t = time.perf_counter()
         metrics |= C.refresh(critic, state.params, refresh_source)
+        if fns.layout is not None:  # the re-calibrated normaliser is made on the host
+            critic.state = fns.layout.place_state(critic.state)
         timing["timing/critic"] = time.perf_counter() - t
 
-    r = np.asarray(rewards_b)
-    mask = np.asarray(rollout.completion_mask_bl)
+    r, mask, eos_b = sharding.to_host((rewards_b, rollout.completion_mask_bl, rollout.eos_b))
     n_tokens = float(mask.sum())
     metrics |= {
         "reward/mean": float(r.mean()),
         "reward/std": float(r.std()),
         "completions/mean_length": n_tokens / len(essays),
-        "completions/clipped_ratio": float(1.0 - np.asarray(rollout.eos_b).mean()),
+        "completions/clipped_ratio": float(1.0 - eos_b.mean()),
     }
     gold_text = [""] * len(essays)
     if task.world is not None:
@@ -545,18 +607,25 @@ def _pair_agreement(rewards_b: np.ndarray, gold_b: np.ndarray, g: int) -> float 
     return float(np.mean(((a > b) == (ga > gb))[decided])) if decided.any() else None
 
 
-def evaluate_checkpoint(run_dir: str | Path, step: int | None = None) -> dict:
-    """`selfplay eval`: the SFT-vs-checkpoint table for any saved round (default: the latest)."""
+def evaluate_checkpoint(
+    run_dir: str | Path, step: int | None = None, overrides: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None
+) -> dict:
+    """`selfplay eval`: the SFT-vs-checkpoint table for any saved round (default: the latest), on the run's mesh
+    (overrides: `mesh.*` keys, to evaluate on other devices than it trained on)."""
     run_dir = Path(run_dir)
-    cfg = resolve_config(run_dir, None, [])
-    policy = load_policy(run_dir, cfg)
+    overrides = list(overrides or [])
+    start_distributed(run_dir, None, overrides)
+    cfg = resolve_config(run_dir, None, overrides)
+    layout = sharding.Layout.from_config(cfg.mesh, devices)
+    policy = load_policy(run_dir, cfg, layout=layout)
     task = make_task(cfg)
     critic = C.load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world)
+    place_critic(critic, layout)
     optimizer = learner.make_optimizer(cfg.learner, learner.num_optimizer_updates(cfg.learner, cfg.run.rounds))
-    state, value_graphdef = init_state(cfg, policy, optimizer)
-    fns = Functions(cfg, policy, optimizer, value_graphdef)
-    gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round)
-    key = jax.random.key(cfg.run.seed)
+    state, value_graphdef = init_state(cfg, policy, optimizer, layout)
+    fns = Functions(cfg, policy, optimizer, value_graphdef, layout)
+    gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round, layout=layout)
+    key = sharding.place(jax.random.key(cfg.run.seed), layout.replicated)
     with checkpoint.Checkpointer(run_dir / CHECKPOINT_DIR, read_only=True) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None:

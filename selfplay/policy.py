@@ -1,6 +1,7 @@
 """The policy as a run directory stores it (config.yaml, tokenizer.json, policy/ orbax checkpoint), and text generation.
 
-`pretrain` and `import-hf` write a policy; `generate`, the critic and `train` read one.
+`pretrain` and `import-hf` write a policy; `generate`, the critic and `train` read one. Given a `sharding.Layout`,
+the params load directly into their shards and the Generator samples on the mesh (rows split over the batch axes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from selfplay import checkpoint
+from selfplay import checkpoint, sharding
 from selfplay.actor import make_sampler, pad_prompts
 from selfplay.config import ActorConfig, Config, UserError, load_config, save_config
 from selfplay.models import transformer
@@ -85,8 +86,11 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Confi
     return load_config(path, list(overrides))
 
 
-def load_policy(run_dir: str | Path, cfg: Config | None = None, directory: str | Path | None = None) -> Policy:
-    """The policy stored in `run_dir` (params from `directory`, default `run_dir/policy/`)."""
+def load_policy(
+    run_dir: str | Path, cfg: Config | None = None, directory: str | Path | None = None, *, layout: sharding.Layout | None = None
+) -> Policy:
+    """The policy stored in `run_dir` (params from `directory`, default `run_dir/policy/`); with a `layout`, each
+    param is read straight into its shards (the restore target carries the shardings)."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
     tok_path = run_dir / TOKENIZER_FILE
@@ -94,21 +98,32 @@ def load_policy(run_dir: str | Path, cfg: Config | None = None, directory: str |
         raise UserError(f"{run_dir} has no {TOKENIZER_FILE}; run `selfplay pretrain` or `selfplay import-hf` first")
     tokenizer = Tokenizer.load(tok_path)
     graphdef, abstract = abstract_params(cfg)
-    tree, _, _ = checkpoint.restore_latest(directory or run_dir / POLICY_DIR, params_to_tree(abstract))
+    target = abstract if layout is None else sharding.with_shardings(abstract, layout.shardings(abstract))
+    tree, _, _ = checkpoint.restore_latest(directory or run_dir / POLICY_DIR, params_to_tree(target))
     _, params = tree_to_params(cfg, tree)
     return Policy(cfg, tokenizer, graphdef, params)
 
 
 class Generator:
     """Writes completions for text prompts with fixed shapes: prompts go in chunks of `batch` (the last chunk
-    padded by repeating a prompt), so one compilation serves every chunk of a bucket."""
+    padded by repeating a prompt), so one compilation serves every chunk of a bucket.
 
-    def __init__(self, policy: Policy, actor_cfg: ActorConfig, batch: int):
+    With a `layout` the sampler runs on its mesh: every process encodes the same whole chunk, each device gets its
+    prompt rows, the KV cache and the Rollout are split over the batch axes (pass params placed on the same mesh);
+    `completions` gathers the rows to decode them."""
+
+    def __init__(self, policy: Policy, actor_cfg: ActorConfig, batch: int, layout: sharding.Layout | None = None):
         self.policy = policy
         self.actor_cfg = actor_cfg
         self.batch = batch
+        self.layout = layout
         tok = policy.tokenizer
-        self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        if layout is None:
+            self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        else:
+            constrain = sharding.kv_cache_constraint(layout.mesh, layout.rules)
+            sampler = make_sampler(policy.cfg.model, actor_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, constrain_cache=constrain)
+            self._sample = sharding.shard_sampler(sampler, layout.mesh, layout.rules)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
         tok = self.policy.tokenizer
@@ -126,14 +141,17 @@ class Generator:
         if len(prompts) != self.batch:
             raise ValueError(f"Generator.rollout takes exactly {self.batch} prompts, got {len(prompts)}")
         tokens_bp, len_b, p = self.encode(prompts)
+        if self.layout is not None:  # the key too: a committed and an uncommitted key would compile twice
+            tokens_bp, len_b = self.layout.place_batch((tokens_bp, len_b))
+            rng = sharding.place(rng, self.layout.replicated)
         rollout, _ = self._sample(self.policy.graphdef, params, tokens_bp, len_b, rng, samples_per_prompt)
         return rollout, p
 
     def completions(self, rollout: Rollout, prompt_width: int) -> list[str]:
         """The decoded completion of every row (EOS and padding dropped)."""
         tok = self.policy.tokenizer
-        tokens = np.asarray(rollout.tokens_bl[:, prompt_width:])
-        mask = np.asarray(rollout.completion_mask_bl[:, prompt_width:]) > 0
+        tokens, mask = sharding.to_host((rollout.tokens_bl, rollout.completion_mask_bl))
+        tokens, mask = tokens[:, prompt_width:], mask[:, prompt_width:] > 0
         return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t != tok.eos_id]) for row, mrow in zip(tokens, mask)]
 
     def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:

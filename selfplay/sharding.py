@@ -19,25 +19,38 @@ materialised whole on one device first. Optimiser moments are built by optax wit
 they keep each Param's wrapper and logical names and are sharded exactly like their param; counts, hyperparameters
 and other non-param leaves are replicated.
 
-Multi-host: one process per host. `initialize_distributed` first (before any JAX computation); each process feeds
-its share of the prompts (`process_share`, then `shard_batch` assembles the global batch); only process 0 logs
-(`is_logging_process`); every process calls the checkpointer (orbax writes each process's shards).
+Placement. `place` moves a tree onto given shardings (a no-op for arrays already there; host values are copied in
+from the host). `Layout` (a mesh and its rules, from `mesh` config) is the handle the self-play loop holds: it
+places states by their logical names and whole batches over the batch axes, and pins the loop's jitted steps (the
+learner update, reference log-probs, the critic's score and train steps) to the mesh, moving their inputs first,
+since jit refuses a committed argument sharded otherwise than its in_shardings.
+
+Multi-host: one process per host. `initialize_distributed` first (before any JAX computation). Each process feeds
+its share of the prompts (`process_share`, then `shard_batch` assembles the global batch), or every process holds
+the same whole batch and `shard_global_batch` hands each device its rows (what the loop does: every process draws
+the same prompts from the same seed); host code that needs whole arrays reads them with `to_host` (gathered across
+processes); only process 0 logs (`is_logging_process`); every process calls the checkpointer (orbax writes each
+process's shards).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from selfplay.config import DEFAULT_MESH_RULES, MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig, UserError
 from selfplay.models import transformer
+from selfplay.types import Scores
 
 BATCH = "batch"
 Rules = Mapping[str, tuple[str, ...]]  # logical axis -> mesh axes, in order (empty: replicated)
@@ -178,9 +191,25 @@ def init_params(model_cfg: ModelConfig, seed: int, mesh: Mesh, rules: Rules) -> 
     return graphdef, params
 
 
+def place(tree: T, shardings: Any) -> T:
+    """`tree` (arrays, numpy, PRNG keys) moved onto `shardings` (same structure): arrays already there are returned
+    as they are (so a donated state stays donatable). Host values, and in a multi-process run a process-local array
+    bound for a mesh that spans processes, are copied in from the host; every process must pass the same value."""
+
+    def one(x: Any, s: NamedSharding) -> Any:
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and (s.is_fully_addressable or not x.is_fully_addressable):
+            return jax.device_put(x, s)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_state(state: T, mesh: Mesh, rules: Rules) -> T:
     """An existing state (params, TrainState, CriticState, ...) moved onto the mesh, sharded by the rules."""
-    return jax.device_put(state, param_shardings(state, mesh, rules))
+    return place(state, param_shardings(state, mesh, rules))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +245,24 @@ def shard_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, host_batch)
+
+
+def shard_global_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """The WHOLE batch (numpy, leading axis = batch; identical in every process) -> global arrays split over the
+    batch axes, each device receiving only its rows. With one process the same as `shard_batch`."""
+    return place(host_batch, batch_shardings(host_batch, mesh, rules))
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of whole arrays, for host-side work (decoding, the gold grader, diversity): an array of which
+    this process holds only some shards is gathered from every process (a collective: all processes call it)."""
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 KV_CACHE_AXES = transformer.KVCache(
@@ -280,6 +327,104 @@ def shard_sampler(sampler: Callable, mesh: Mesh, rules: Rules) -> Callable:
         return jitted[key](graphdef, params, prompt_tokens_bp, prompt_len_b, rng)
 
     return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's handle: a mesh, its rules, and its steps pinned to them
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Where the self-play loop's arrays live: a mesh and its logical rules (see the module docstring)."""
+
+    mesh: Mesh
+    rules: Rules
+
+    @classmethod
+    def from_config(cls, mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Layout:
+        return cls(make_mesh(mesh_cfg, devices), logical_rules(mesh_cfg))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    def shardings(self, state: Any) -> Any:
+        return param_shardings(state, self.mesh, self.rules)
+
+    def place_state(self, state: T) -> T:
+        """Params, a TrainState, a CriticState, ...: sharded by their logical axis names, the rest replicated."""
+        return place(state, self.shardings(state))
+
+    def place_batch(self, host_batch: T) -> T:
+        """A whole batch (numpy or arrays, identical in every process): split over the batch axes."""
+        return shard_global_batch(host_batch, self.mesh, self.rules)
+
+    def update_step(self, update_step: Callable) -> Callable:
+        """`learner.make_update_step`'s step pinned by `shard_update_step` (shardings from the first call's state
+        and batch; donation kept), its inputs moved there first."""
+        pinned: list[tuple[Callable, tuple]] = []
+
+        def call(state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict]:
+            if not pinned:
+                state_sh, batch_sh = self.shardings(state), batch_shardings(batch, self.mesh, self.rules)
+                step = shard_update_step(update_step, state_sh, batch_sh, self.mesh)
+                pinned.append((step, (state_sh, batch_sh, self.replicated)))
+            step, in_sh = pinned[0]
+            return step(*place((state, batch, rng), in_sh))
+
+        return call
+
+    def reference_step(self, reference_logprobs: Callable) -> Callable:
+        """`learner.make_reference_logprobs`'s function with its [B, L] log-probs split over the batch axes like
+        the rollout's rows (the params and rollout keep the shardings they come with)."""
+        jitted: dict[tuple, Callable] = {}
+
+        def call(ref_params: Any, rollout: Any) -> jax.Array:
+            shape = rollout.tokens_bl.shape
+            if shape not in jitted:
+                out = logical_sharding(shape, (BATCH, None), self.mesh, self.rules)
+                jitted[shape] = jax.jit(reference_logprobs, out_shardings=out)
+            return jitted[shape](ref_params, rollout)
+
+        return call
+
+    def critic_fns(self, fns: T, state: Any, *, members: int, rows: int) -> T:
+        """A `selfplay.critic.CriticFns` pinned to the mesh, for a state shaped like `state`: train_step by
+        `shard_critic_step` (inputs moved first; donation kept); score's Scores split over the batch axes (members
+        by the `ensemble` rule); score_tokens' rows split over the batch axes and its Scores replicated, because
+        host code reads them whole. observe is left as it is (scalars)."""
+        state_sh = self.shardings(state)
+        tok = logical_sharding((members, rows, 1), ("ensemble", BATCH, None), self.mesh, self.rules)
+        lens = logical_sharding((members, rows), ("ensemble", BATCH), self.mesh, self.rules)
+        train = shard_critic_step(fns.train_step, state_sh, self.mesh, self.rules, members=members, rows=rows)
+        scores: dict[tuple, Callable] = {}
+        tokens: dict[tuple, Callable] = {}
+
+        def train_step(state: Any, tokens_knl: Any, len_kn: Any) -> tuple[Any, dict]:
+            return train(*place((state, tokens_knl, len_kn), (state_sh, tok, lens)))
+
+        def score(state: Any, rollout: Any, prompt_width: int) -> Scores:
+            key = (rollout.tokens_bl.shape, prompt_width)
+            if key not in scores:
+                b = rollout.tokens_bl.shape[0]
+                out = Scores(
+                    logical_sharding((b,), (BATCH,), self.mesh, self.rules),
+                    logical_sharding((members, b), ("ensemble", BATCH), self.mesh, self.rules),
+                )
+                scores[key] = jax.jit(lambda s, r: fns.score(s, r, prompt_width), out_shardings=out)
+            return scores[key](state, rollout)
+
+        def score_tokens(state: Any, tokens_nl: Any, len_n: Any) -> Scores:
+            shape = np.shape(tokens_nl)
+            if shape not in tokens:
+                in_sh = (state_sh, *batch_shardings((tokens_nl, len_n), self.mesh, self.rules))
+                step = jax.jit(fns.score_tokens, in_shardings=in_sh, out_shardings=self.replicated)
+                tokens[shape] = (step, in_sh)
+            step, in_sh = tokens[shape]
+            return step(*place((state, tokens_nl, len_n), in_sh))
+
+        return fns._replace(train_step=train_step, score=score, score_tokens=score_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
