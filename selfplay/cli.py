@@ -97,6 +97,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- benchmarks --------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from selfplay import bench
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, [*bench.FULL_SWEEP, *overrides] if args.full else overrides)
+    argv = ["selfplay", "bench", args.which, *(["--full"] if args.full else [])]
+    argv += [*(["--config", args.config] if args.config else []), *overrides]
+    bench.write_record(bench.run(args.which, cfg, command=shlex.join(argv)), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfplay",
@@ -149,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
     imp.add_argument("run_dir", help="a new run directory")
     imp.set_defaults(fn=_cmd_import_hf)
+
+    bn = sub.add_parser("bench", help="throughput benchmarks: one JSON line with the figure and its ratio to the roofline")
+    bsub = bn.add_subparsers(dest="which", metavar="BENCHMARK", required=True)
+    for which, about in (
+        ("actor", "generated tokens/s of the sampler, KV cache vs recomputing the prefix, over a batch x new-token sweep"),
+        ("learner", "tokens/s and MFU of one update step (forward, backward, optimiser)"),
+        ("round", "completions/s of a whole self-play round and its time split by stage"),
+    ):
+        bp = bsub.add_parser(which, help=about)
+        bp.add_argument("--out", default=None, help="also append the JSON line to this file")
+        if which == "actor":
+            bp.add_argument("--full", action="store_true", help="the full sweep: batch 1/8/64/256 x 64/256 new tokens (slow on CPU)")
+        _add_config_args(bp)
+        bp.set_defaults(fn=_cmd_bench, full=False)
 
     crit = sub.add_parser("critic", help="the learned reward model: train it on labelled pairs")
     csub = crit.add_subparsers(dest="critic_command", metavar="CRITIC_COMMAND", required=True)

@@ -1,4 +1,4 @@
-"""The typed config tree (model, actor, critic, learner, world, pretrain, run, mesh) and its strict loader.
+"""The typed config tree (model, actor, critic, learner, world, pretrain, run, mesh, bench) and its strict loader.
 
 YAML files plus dotted command-line overrides; unknown keys, wrong types and bad YAML are `ConfigError`s
 that name the culprit (dotted key, expected type, file and line).
@@ -290,6 +290,38 @@ class RunConfig:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Throughput benchmarks (`selfplay bench`): timing and the actor's sweep. Shapes come from the other sections:
+    model, critic.model, actor (prompts_per_round x samples_per_prompt, max_new_tokens, prompt_buckets), learner."""
+
+    warmup: int = 1  # untimed calls after the first (compiling) one
+    iterations: int = 5  # timed calls; figures are their median, with min/max and quartiles
+    batches: tuple[int, ...] = ()  # actor sweep: sequences per sampler call; empty: prompts_per_round x samples_per_prompt
+    new_tokens: tuple[int, ...] = ()  # actor sweep: tokens written per sequence; empty: actor.max_new_tokens
+    prompt_len: int = 0  # tokens in each synthetic prompt; 0: the smallest of actor.prompt_buckets
+    eos_id: int = -1  # -1: no token ends a row, so every row writes exactly its new-token count
+    baseline: bool = True  # actor: also time the no-KV-cache baseline (the whole prefix recomputed for every token)
+    baseline_max_gflop: float = 5000.0  # skip the baseline where one call would cost more than this
+    baseline_iterations: int = 2  # timed baseline calls, right after its compiling call (it is slow; its spread is small)
+    matmul_size: int = 2048  # n of the n x n @ n x n matmul that probes the peak FLOP/s, in model.compute_dtype
+    bandwidth_mib: int = 256  # size of the float32 array scaled in place (read and written) to probe memory bandwidth
+
+    def validate(self, prefix: str) -> None:
+        if self.warmup < 0 or self.iterations < 1 or self.baseline_iterations < 1:
+            raise ConfigError(
+                f"{prefix}.warmup must be >= 0, {prefix}.iterations and {prefix}.baseline_iterations >= 1, "
+                f"got {self.warmup}, {self.iterations}, {self.baseline_iterations}"
+            )
+        for name in ("batches", "new_tokens"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ConfigError(f"{prefix}.{name} must hold positive counts, got {list(getattr(self, name))}")
+        if self.prompt_len < 0 or self.eos_id < -1:
+            raise ConfigError(f"{prefix}.prompt_len must be >= 0 and {prefix}.eos_id >= -1, got {self.prompt_len}, {self.eos_id}")
+        if self.matmul_size < 1 or self.bandwidth_mib < 1 or self.baseline_max_gflop < 0:
+            raise ConfigError(f"{prefix}.matmul_size and {prefix}.bandwidth_mib must be positive, {prefix}.baseline_max_gflop >= 0")
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (None: replicated; a list: the dimension is split over several mesh axes).
@@ -369,6 +401,7 @@ class Config:
     monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
+    bench: BenchConfig = BenchConfig()
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
