@@ -132,15 +132,11 @@ class Task:
     eval_prompts: list[str]
     world: World | None
 
-    def grade(self, prompts: list[str], essays: list[str]) -> dict[str, float] | None:
+    def grades(self, prompts: list[str], essays: list[str]) -> list | None:
+        """The gold grader's scores of each essay (None without the world): grade once, derive the rest."""
         if self.world is None:
             return None
-        return mean_scores([self.world.grade(p, e) for p, e in zip(prompts, essays)])
-
-    def gold_scores(self, prompts: list[str], essays: list[str]) -> np.ndarray | None:
-        if self.world is None:
-            return None
-        return np.array([self.world.grade(p, e).score for p, e in zip(prompts, essays)], np.float32)
+        return [self.world.grade(p, e) for p, e in zip(prompts, essays)]
 
 
 def make_task(cfg: Config) -> Task:
@@ -253,10 +249,10 @@ def evaluate(
         rewards.append(reward[:n])
     rep = [p for p in prompts for _ in range(g)]
     out: dict[str, float] = {}
-    gold = task.grade(rep, essays)
-    if gold is not None:
-        out |= {f"gold/{k}": v for k, v in gold.items()}
-        agreement = _pair_agreement(np.concatenate(rewards), task.gold_scores(rep, essays), g)
+    grades = task.grades(rep, essays)
+    if grades is not None:
+        out |= {f"gold/{k}": v for k, v in mean_scores(grades).items()}
+        agreement = _pair_agreement(np.concatenate(rewards), np.array([x.score for x in grades]), g)
         if agreement is not None:
             out["critic/accuracy"] = agreement
     out |= diversity(essays)
@@ -546,7 +542,8 @@ def run_round(
 
     essays = gen.completions(rollout, p)
     rep = [q for q in prompts for _ in range(g)]
-    gold_b = task.gold_scores(rep, essays)
+    grades = task.grades(rep, essays)
+    gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards = rewards_b
     if cfg.run.reward_source == "gold":
         if gold_b is None:
@@ -575,12 +572,11 @@ def run_round(
         "completions/clipped_ratio": float(1.0 - eos_b.mean()),
     }
     gold_text = [""] * len(essays)
-    if task.world is not None:
-        grades = [task.world.grade(q, e) for q, e in zip(rep, essays)]
+    if grades is not None:
         gold = mean_scores(grades)
         metrics |= {f"gold/{k}": v for k, v in gold.items() if not k.startswith("n_") and not k.startswith("has_")}
         gold_text = [f" · gold {s.score:.2f} (halluc. {s.hallucination_rate:.2f})" for s in grades]
-        agreement = _pair_agreement(r, np.array([s.score for s in grades]), g)
+        agreement = _pair_agreement(r, gold_b, g)
         if agreement is not None:
             metrics["critic/accuracy"] = agreement
         elif g >= 2:
