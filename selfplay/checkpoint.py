@@ -120,22 +120,35 @@ class Checkpointer:
         self._manager.reload()
         return self._manager.best_step()
 
-    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
-        """Restore (state, meta) at `step` (default: latest). `target` (arrays or ShapeDtypeStructs,
-        with shardings where wanted) fixes the tree structure, dtypes and placement."""
+    def _step(self, step: int | None) -> int:
+        """`step`, or the latest when None; a CheckpointError naming the directory when it is not there."""
         steps = self.steps()
         if step is None:
             if not steps:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
-            step = steps[-1]
-        elif step not in steps:
+            return steps[-1]
+        if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (available: {steps or 'none'})")
-        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        return step
+
+    def _restore(self, step: int, **items: Any) -> Any:
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from None
+
+    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+        """Restore (state, meta) at `step` (default: latest). `target` (arrays or ShapeDtypeStructs,
+        with shardings where wanted) fixes the tree structure, dtypes and placement. Without a target the arrays
+        come back as they were saved, which needs the saving topology: in a multi-process run pass shardings."""
+        step = self._step(step)
+        state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        restored = self._restore(step, state=state_args, meta=ocp.args.JsonRestore())
         return restored["state"], dict(restored["meta"] or {})
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        """Only the JSON `meta` of `step` (default: latest), no arrays: what to read before building a target."""
+        return dict(self._restore(self._step(step), meta=ocp.args.JsonRestore())["meta"] or {})
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from selfplay import checkpoint
+from selfplay import checkpoint, sharding
 from selfplay.config import Config, ConfigError, CriticConfig, ModelConfig, UserError, to_dict
 from selfplay.data import DataError, read_jsonl
 from selfplay.models import heads, transformer
@@ -849,9 +849,12 @@ def has_critic(directory: str | Path) -> bool:
         return ckpt.latest_step() is not None
 
 
-def load_critic(directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, world: World | None = None) -> Critic:
+def load_critic(
+    directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, world: World | None = None, layout: sharding.Layout | None = None
+) -> Critic:
     """The critic saved in `directory`. Shape-defining settings (critic.model, critic.ensemble_size) must match the
-    saved ones; the labeller (world labels) resumes its budget counter and random stream."""
+    saved ones; the labeller (world labels) resumes its budget counter and random stream. With a `layout`, the
+    state is read straight into its shards (the restore target carries the shardings; a multi-process run needs it)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise checkpoint.CheckpointError(f"no critic at {directory}; run `selfplay critic train` first")
@@ -860,7 +863,7 @@ def load_critic(directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, wor
         step = ckpt.latest_step()
         if step is None:
             raise checkpoint.CheckpointError(f"no complete critic checkpoint in {directory.absolute()}")
-        _, meta = ckpt.restore(step)  # meta first: a shape mismatch gets a clear message, not orbax's
+        meta = ckpt.restore_meta(step)  # meta first: a shape mismatch gets a clear message, not orbax's
         saved = meta.get("critic", {})
         mismatch = [
             f"critic.{k}: saved {saved.get(k)!r}, config {v!r}"
@@ -870,6 +873,8 @@ def load_critic(directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, wor
         if mismatch:
             raise checkpoint.CheckpointError(f"the critic in {directory} was saved with other shapes: " + "; ".join(mismatch))
         target = abstract_state(c)
+        if layout is not None:
+            target = sharding.with_shardings(target, layout.shardings(target))
         tree, meta = ckpt.restore(step, state_to_tree(target))
     critic = critic_from_state(cfg, tokenizer, tree_to_state(target, tree), world=world)
     critic.refreshes = int(meta.get("refreshes", 0))

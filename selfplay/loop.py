@@ -193,11 +193,12 @@ class Functions:
         return jnp.asarray(x_b) if self.layout is None else self.layout.place_batch(x_b)
 
 
-def place_critic(critic: C.Critic, layout: sharding.Layout) -> None:
-    """The critic's state sharded by its logical names and its score/train steps pinned to the mesh."""
-    critic.state = layout.place_state(critic.state)
+def load_run_critic(run_dir: Path, cfg: Config, policy: Policy, task: Task, layout: sharding.Layout) -> C.Critic:
+    """The run's critic, its state read straight into its shards and its score/train steps pinned to the mesh."""
+    critic = C.load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
     c = critic.ccfg
     critic.fns = layout.critic_fns(critic.fns, critic.state, members=c.ensemble_size, rows=2 * c.batch_size)
+    return critic
 
 
 def init_state(cfg: Config, policy: Policy, optimizer: Any, layout: sharding.Layout | None = None) -> tuple[learner.TrainState, Any]:
@@ -392,8 +393,7 @@ def train(
     if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=rc.pairs_file or None, progress=progress, log=log)
-    critic = C.load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world)
-    place_critic(critic, layout)
+    critic = load_run_critic(run_dir, cfg, policy, task, layout)
     refresh_source = None
     if cfg.critic.refresh_every and task.world is not None and cfg.critic.label_source != "file":
         critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
@@ -615,8 +615,7 @@ def evaluate_checkpoint(
     layout = sharding.Layout.from_config(cfg.mesh, devices)
     policy = load_policy(run_dir, cfg, layout=layout)
     task = make_task(cfg)
-    critic = C.load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world)
-    place_critic(critic, layout)
+    critic = load_run_critic(run_dir, cfg, policy, task, layout)
     optimizer = learner.make_optimizer(cfg.learner, learner.num_optimizer_updates(cfg.learner, cfg.run.rounds))
     state, value_graphdef = init_state(cfg, policy, optimizer, layout)
     fns = Functions(cfg, policy, optimizer, value_graphdef, layout)

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from selfplay import critic as C
+from selfplay import critic as C, sharding
 from selfplay.checkpoint import CheckpointError
 from selfplay.cli import main
-from selfplay.config import ConfigError, FlawRates, load_config
+from selfplay.config import ConfigError, FlawRates, MeshConfig, load_config
 from selfplay.data import DataError
 from selfplay.policy import load_policy
 from selfplay.tokenizer import Tokenizer
@@ -328,6 +329,15 @@ def test_save_load_round_trip(tmp_path, tokenizer, world):
     assert loaded.labeller.label_batch([p] * 5, [a] * 5, [b] * 5).tolist() == critic.labeller.label_batch([p] * 5, [a] * 5, [b] * 5).tolist()
     meta = C.critic_meta(loaded)
     assert meta["pool_size"] == 12 and meta["labels_used"] == 17 and meta["label_budget"] == 40
+
+    # Onto a mesh: each array read straight into its shards (the restore a multi-process run needs).
+    layout = sharding.Layout.from_config(MeshConfig(data=2, fsdp=4))
+    placed = C.load_critic(tmp_path / "critic", cfg, tokenizer, world=world, layout=layout)
+    q = placed.state.params["trunk"]["layers"]["q_proj"].get_value()  # [ensemble, layers, embed, heads, head_dim]
+    assert q.sharding.spec == P(None, None, "fsdp") and len(q.sharding.device_set) == 8
+    assert jax.tree.leaves(layout.shardings(placed.state)) == [x.sharding for x in jax.tree.leaves(placed.state)]
+    for a, b in zip(jax.tree.leaves(placed.state), jax.tree.leaves(critic.state)):
+        np.testing.assert_array_equal(a, b)
 
     with pytest.raises(CheckpointError, match="ensemble_size: saved 2, config 3"):
         C.load_critic(tmp_path / "critic", tiny_cfg("critic.ensemble_size=3"), tokenizer, world=world)
