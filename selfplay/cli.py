@@ -87,9 +87,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from selfplay import loop
+    from selfplay import loop, sharding
 
     result = loop.evaluate_checkpoint(args.run_dir, args.checkpoint)
+    if not sharding.is_logging_process():  # every process computes the table; one prints it
+        return 0
     if args.json:
         print(json.dumps(loop._json_safe(result)))
     else:
