@@ -4,7 +4,7 @@
 
 The parent sets, before this process imports jax: XLA_FLAGS (fake CPU devices), JAX_PLATFORMS=cpu,
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by `sharding.initialize_distributed`), and
-SELFPLAY_TEST_JAX_CACHE (the compilation cache the tests share).
+JAX_DISABLE_MOST_OPTIMIZATIONS, JAX_COMPILATION_CACHE_DIR (the compilation settings the tests share).
 Writes OUT_DIR/process_<id>.npz: this process's own replica of the updated params, the metrics, and the
 params restored from CKPT_DIR onto an fsdp mesh that spans both processes (gathered).
 The case (model, batch, learner) lives here so that the test builds the identical single-process update.
@@ -13,7 +13,6 @@ The case (model, batch, learner) lives here so that the test builds the identica
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import jax
@@ -54,9 +53,6 @@ def flat(tree) -> dict:
 
 def main(out_dir: str, ckpt_dir: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_disable_most_optimizations", True)
-    if cache_dir := os.environ.get("SELFPLAY_TEST_JAX_CACHE"):
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
     assert sharding.initialize_distributed(MeshConfig()), "the parent must set JAX_COORDINATOR_ADDRESS etc."
     pid = jax.process_index()
 
