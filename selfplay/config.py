@@ -245,6 +245,11 @@ class LearnerConfig:
     kl_target: float = 0.1  # adaptive_kl aims the learner's `kl` metric here: per-token mean KL(pi || pi_ref), nats
     kl_horizon: int = 10000
     entropy_coef: float = 0.0
+    # The pretraining-data term (InstructGPT's "PPO-ptx"): + ptx_coef * mean token NLL of ptx_batch human examples
+    # per update step, so the policy keeps the human distribution while it chases the reward. The examples: the
+    # world's human corpus, or run.ptx_file. 0: off.
+    ptx_coef: float = 0.0
+    ptx_batch: int = 16  # human examples per update step, split over learner.minibatches
     gamma: float = 1.0
     lam: float = 0.95
     value_clip: float = 0.2
@@ -283,6 +288,7 @@ class RunConfig:
     prompts_file: str = ""  # JSONL of {"prompt": ...}: train on these instead of the world's prompts (no gold grader)
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
     reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
+    ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
 
     def validate(self, prefix: str) -> None:
         for name in ("rounds", "log_every", "checkpoint_every", "keep_checkpoints", "eval_prompts", "train_prompts"):

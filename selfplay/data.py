@@ -1,4 +1,5 @@
-"""Data in: JSONL prompt and preference files (every bad line named as FILE:LINE), and batching helpers.
+"""Data in: JSONL prompt, preference and human-example files (every bad line named as FILE:LINE), and batching
+helpers, including the stream of human examples the learner's pretraining-data term mixes back in.
 
 A file is validated whole before anything is returned, so nothing partial looks like a success.
 """
@@ -8,11 +9,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from selfplay.config import UserError
+from selfplay.types import PtxRows
+
+if TYPE_CHECKING:
+    from selfplay.tokenizer import Tokenizer
 
 
 class DataError(UserError):
@@ -62,6 +67,55 @@ def read_prompts(path: str | Path) -> list[str]:
         if not r["prompt"].strip():
             raise DataError(f"{path}:{r['_line']}: 'prompt' is empty")
     return [r["prompt"] for r in rows]
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from a JSONL file of `{"prompt": "...", "completion": "..."}` lines (TRL's
+    prompt-completion format); an empty completion is an error."""
+    rows = read_jsonl(path, {"prompt": str, "completion": str})
+    for r in rows:
+        if not r["completion"].strip():
+            raise DataError(f"{path}:{r['_line']}: 'completion' is empty")
+    return [(r["prompt"], r["completion"]) for r in rows]
+
+
+class ExampleStream:
+    """Human examples for the learner's pretraining-data term: `take(k)` gives the next k as right-padded PtxRows
+    (numpy) of one fixed width, the longest example's, so the update step compiles once. Epoch-shuffled and
+    seeded like PromptStream; its position is a plain integer a checkpoint can hold."""
+
+    def __init__(self, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]], seed: int, max_len: int, source: str):
+        if not examples:
+            raise UserError(f"{source} has no examples for the pretraining-data term (learner.ptx_coef)")
+        encoded = [tokenizer.encode_example(p, c) for p, c in examples]
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        if len(encoded[longest][0]) > max_len:
+            raise UserError(
+                f"{source}: example {longest + 1} has {len(encoded[longest][0])} tokens, more than model.max_seq_len ({max_len})"
+            )
+        width = len(encoded[longest][0])
+        n = len(encoded)
+        self.tokens = np.full((n, width), tokenizer.pad_id, np.int32)
+        self.loss_mask = np.zeros((n, width), np.float32)
+        self.valid = np.zeros((n, width), np.float32)
+        for i, (ids, mask) in enumerate(encoded):
+            self.tokens[i, : len(ids)] = ids
+            self.loss_mask[i, : len(ids)] = mask
+            self.valid[i, : len(ids)] = 1.0
+        self.positions = np.broadcast_to(np.arange(width, dtype=np.int32), (n, width))
+        self.stream = PromptStream(n, seed)
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.stream.position = value
+
+    def take(self, k: int) -> PtxRows:
+        idx = self.stream.take(k)
+        return PtxRows(self.tokens[idx], np.ascontiguousarray(self.positions[idx]), self.valid[idx], self.loss_mask[idx])
 
 
 class PromptStream:

@@ -25,7 +25,7 @@ import optax
 
 from selfplay import algorithms
 from selfplay.config import ActorConfig, ConfigError, LearnerConfig
-from selfplay.types import Rollout
+from selfplay.types import PtxRows, Rollout
 
 LogprobFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 ValueFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -98,6 +98,12 @@ def _check(cfg: LearnerConfig) -> None:
         raise ConfigError(f"learner.max_grad_norm must be > 0, got {cfg.max_grad_norm}")
     if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon <= 0):
         raise ConfigError("learner.kl_target and learner.kl_horizon must be > 0 with learner.adaptive_kl")
+    if cfg.ptx_coef < 0:
+        raise ConfigError(f"learner.ptx_coef must be >= 0, got {cfg.ptx_coef}")
+    if cfg.ptx_coef > 0 and (cfg.ptx_batch < 1 or cfg.ptx_batch % cfg.minibatches):
+        raise ConfigError(
+            f"learner.ptx_batch ({cfg.ptx_batch}) must be a positive multiple of learner.minibatches ({cfg.minibatches})"
+        )
 
 
 def _in_hyperparams(path: tuple, _: Any) -> bool:
@@ -146,11 +152,13 @@ class Batch(NamedTuple):
     rollout          what the actor wrote ([B, L], prompts left-padded to the step's prompt_width)
     rewards_b        float32 [B] the critic's scores
     ref_logprobs_bl  float32 [B, L] the frozen reference's log-probs (`make_reference_logprobs`)
+    ptx              human examples mixed back in (learner.ptx_coef > 0 only; rows divisible by learner.minibatches)
     """
 
     rollout: Rollout
     rewards_b: jax.Array
     ref_logprobs_bl: jax.Array
+    ptx: PtxRows | None = None
 
 
 def init_train_state(
@@ -252,7 +260,7 @@ def make_update_step(
     mean KL(pi || pi_ref) under learner.kl_estimator, averaged over the minibatches) over B samples.
 
     Metrics (float32 scalars; means over the E x M minibatches unless said otherwise): loss/policy (the clipped
-    surrogate), loss/value (0 without ppo), kl, entropy, clip_ratio/{low,high,region}, policy/approx_kl,
+    surrogate), loss/value (0 without ppo), loss/ptx (the human examples' mean token NLL; 0 without them), kl, entropy, clip_ratio/{low,high,region}, policy/approx_kl,
     grad_norm (before clipping), update_norm, lr (of the last optimiser update), skipped_nonfinite (int32,
     updates skipped in this step for NaN/Inf gradients), kl_coef (the beta this step used), advantages/{mean,std}
     (over completion tokens); with ppo also value/clip_frac and value/skipped_nonfinite; with a plain sampler
@@ -270,7 +278,11 @@ def make_update_step(
     report_gap = _plain_sampler(actor_cfg)
     n_epochs, n_minibatches, p = cfg.epochs, cfg.minibatches, prompt_width
 
-    def loss_fn(params: Any, value_params: Any, rows: _Rows, kl_coef: jax.Array) -> tuple[jax.Array, dict]:
+    def ptx_nll(params: Any, ptx: PtxRows) -> jax.Array:
+        logprobs_bl, _ = logprob_fn(params, ptx.tokens_bl, ptx.positions_bl, ptx.valid_bl)
+        return -jnp.sum(logprobs_bl * ptx.loss_mask_bl) / jnp.maximum(jnp.sum(ptx.loss_mask_bl), 1.0)
+
+    def loss_fn(params: Any, value_params: Any, rows: _Rows, kl_coef: jax.Array, ptx: PtxRows | None) -> tuple[jax.Array, dict]:
         logprobs_bl, entropy_bl = logprob_fn(params, rows.tokens_bl, rows.positions_bl, rows.valid_bl)
         loss, metrics = algorithms.policy_objective(
             cfg,
@@ -290,6 +302,11 @@ def make_update_step(
             )
             metrics.update(v_metrics)
             loss = loss + cfg.vf_coef * v_loss
+        metrics["loss/ptx"] = jnp.zeros((), jnp.float32)
+        if ptx is not None:
+            nll = ptx_nll(params, ptx)
+            metrics["loss/ptx"] = nll
+            loss = loss + cfg.ptx_coef * nll
         return loss, metrics
 
     def update_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -301,6 +318,15 @@ def make_update_step(
             raise ConfigError(
                 f"learner.minibatches ({n_minibatches}) must divide the batch of {b} rows "
                 "(actor.prompts_per_round x actor.samples_per_prompt)"
+            )
+        if (cfg.ptx_coef > 0) != (batch.ptx is not None):
+            raise ConfigError(
+                f"learner.ptx_coef={cfg.ptx_coef}: the batch must carry human examples (Batch.ptx) exactly when ptx_coef > 0"
+            )
+        if batch.ptx is not None and batch.ptx.tokens_bl.shape[0] % n_minibatches:
+            raise ConfigError(
+                f"learner.minibatches ({n_minibatches}) must divide the {batch.ptx.tokens_bl.shape[0]} human examples "
+                "of the pretraining-data term (learner.ptx_batch)"
             )
         chex.assert_shape(batch.rewards_b, (b,))
         chex.assert_shape([rollout.completion_mask_bl, rollout.logprobs_bl, batch.ref_logprobs_bl], (b, l))
@@ -326,10 +352,11 @@ def make_update_step(
             adv.advantages_bt, adv.returns_bt, old_values_bt,
         )  # fmt: skip
 
-        def minibatch_update(carry, mb: _Rows):
+        def minibatch_update(carry, blocks: tuple[_Rows, PtxRows | None]):
+            mb, ptx = blocks
             params, opt_state, value_params, value_opt_state = carry
             grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if is_ppo else 0, has_aux=True)
-            (_, metrics), grads = grad_fn(params, value_params, mb, kl_coef)
+            (_, metrics), grads = grad_fn(params, value_params, mb, kl_coef, ptx)
             if is_ppo:
                 grads, value_grads = grads
                 value_updates, value_opt_state = value_optimizer.update(value_grads, value_opt_state, value_params)
@@ -345,8 +372,9 @@ def make_update_step(
             if n_minibatches > 1:  # every loss aggregation is invariant to row order, so one block needs no shuffle
                 perm_b = jax.random.permutation(key, b)
                 shuffled = jax.tree.map(lambda x: x[perm_b], rows)
-            blocks = jax.tree.map(lambda x: x.reshape(n_minibatches, b // n_minibatches, *x.shape[1:]), shuffled)
-            return jax.lax.scan(minibatch_update, carry, blocks)
+            split = lambda x: x.reshape(n_minibatches, x.shape[0] // n_minibatches, *x.shape[1:])  # noqa: E731
+            # the human examples are split in order: each optimiser update sees its own share of them
+            return jax.lax.scan(minibatch_update, carry, (jax.tree.map(split, shuffled), jax.tree.map(split, batch.ptx)))
 
         carry = (state.params, state.opt_state, state.value_params, state.value_opt_state)
         carry, metrics_em = jax.lax.scan(epoch, carry, jax.random.split(rng, n_epochs))

@@ -43,7 +43,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from selfplay import checkpoint, critic as C, learner, sharding
 from selfplay.config import Config, ConfigError, UserError, load_config, save_config, to_dict
 from selfplay.critic_cli import CRITIC_DIR, train_critic
-from selfplay.data import PromptStream, read_prompts
+from selfplay.data import ExampleStream, PromptStream, read_examples, read_prompts
 from selfplay.models import heads, transformer
 from selfplay.monitors import Monitor, diversity
 from selfplay.policy import CONFIG_FILE, Generator, Policy, has_policy, load_policy
@@ -64,6 +64,7 @@ RESUMABLE_PREFIXES = ("mesh.",)
 
 _TRAIN_PROMPTS_SEED = 0x7EA1
 _EVAL_PROMPTS_SEED = 0xE7A1
+_PTX_SEED = 0x97
 
 
 def _flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -137,6 +138,20 @@ class Task:
         if self.world is None:
             return None
         return [self.world.grade(p, e) for p, e in zip(prompts, essays)]
+
+
+def make_ptx_stream(cfg: Config, policy: Policy, task: Task) -> ExampleStream | None:
+    """The human examples of the learner's pretraining-data term (None when learner.ptx_coef is 0): run.ptx_file,
+    else the world's human corpus (the SFT data)."""
+    if cfg.learner.ptx_coef <= 0:
+        return None
+    if cfg.run.ptx_file:
+        examples, source = read_examples(cfg.run.ptx_file), cfg.run.ptx_file
+    elif task.world is not None:
+        examples, source = task.world.corpus(cfg.world.corpus_size), "the world's human corpus"
+    else:
+        raise ConfigError("learner.ptx_coef > 0 with run.prompts_file needs human examples: set run.ptx_file")
+    return ExampleStream(policy.tokenizer, examples, cfg.run.seed + _PTX_SEED, cfg.model.max_seq_len, source)
 
 
 def make_task(cfg: Config) -> Task:
@@ -406,6 +421,7 @@ def train(
     gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round, layout=layout)
     key = sharding.place(jax.random.key(rc.seed), layout.replicated)
     stream = PromptStream(len(task.train_prompts), rc.seed)
+    ptx = make_ptx_stream(cfg, policy, task)
     monitor = Monitor(cfg.monitor)
     start_round, skipped_total = 0, 0
 
@@ -429,6 +445,8 @@ def train(
         key = jax.random.wrap_key_data(restored["key"])
         start_round = int(meta["round"])
         stream.position = int(meta["prompt_position"])
+        if ptx is not None:
+            ptx.position = int(meta.get("ptx_position", 0))
         monitor.load_state_dict(meta["monitor"])
         skipped_total = int(meta["skipped_nonfinite"])
         _restore_critic_meta(critic, meta["critic"])
@@ -447,7 +465,7 @@ def train(
         with Progress(*columns, console=console, disable=not progress) as bar:
             task_id = bar.add_task("rounds", total=rc.rounds, completed=start_round, status="")
             for rnd in range(start_round + 1, rc.rounds + 1):
-                metrics, samples = run_round(cfg, rnd, key, state, critic, ref_params, stream, task, gen, fns, refresh_source)
+                metrics, samples = run_round(cfg, rnd, key, state, critic, ref_params, stream, task, gen, fns, refresh_source, ptx)
                 state = samples.pop("state")
                 skipped_total += int(metrics["skipped_nonfinite"])
                 metrics["skipped_nonfinite_total"] = skipped_total
@@ -473,6 +491,7 @@ def train(
                     meta = {
                         "round": rnd,
                         "prompt_position": stream.position,
+                        "ptx_position": ptx.position if ptx is not None else 0,
                         "monitor": monitor.state_dict(),
                         "skipped_nonfinite": skipped_total,
                         "critic": _critic_meta(critic),
@@ -517,6 +536,7 @@ def run_round(
     gen: Generator,
     fns: Functions,
     refresh_source: C.PairSource | None,
+    ptx: ExampleStream | None = None,
 ) -> tuple[dict[str, float], dict]:
     """One self-play round; returns (metrics, {"state": the new learner state, "rewards", "text"})."""
     n_prompts, g = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt
@@ -551,7 +571,9 @@ def run_round(
         train_rewards = fns.place_batch(gold_b)
 
     t = time.perf_counter()
-    state, m = fns.update(p)(state, learner.Batch(rollout, train_rewards, ref_lp), jax.random.fold_in(key_r, 1))
+    ptx_rows = ptx.take(cfg.learner.ptx_batch) if ptx is not None else None
+    batch = learner.Batch(rollout, train_rewards, ref_lp, ptx_rows)
+    state, m = fns.update(p)(state, batch, jax.random.fold_in(key_r, 1))
     m = jax.device_get(m)
     timing["timing/update"] = time.perf_counter() - t
 

@@ -1,4 +1,4 @@
-"""Pytrees that cross module borders (Rollout, Scores) and the Role enum.
+"""Pytrees that cross module borders (Rollout, PtxRows, Scores) and the Role enum.
 
 Names carry their shapes: b batch, l buffer length (prompt bucket P + max_new_tokens).
 """
@@ -65,3 +65,19 @@ class Scores(NamedTuple):
 
     rewards_b: jax.Array
     members_kb: jax.Array
+
+
+class PtxRows(NamedTuple):
+    """Human-written examples for the learner's pretraining-data term (learner.ptx_coef): one
+    `[bos] prompt [sep] essay [eos]` per row, right-padded to a fixed width.
+
+    tokens_bl      int32 [B, L]
+    positions_bl   int32 [B, L]    0.. from each row's first token
+    valid_bl       float32 [B, L]  1 on real tokens, 0 on padding
+    loss_mask_bl   float32 [B, L]  1 on the tokens the next-token loss counts (essay and EOS)
+    """
+
+    tokens_bl: jax.Array
+    positions_bl: jax.Array
+    valid_bl: jax.Array
+    loss_mask_bl: jax.Array

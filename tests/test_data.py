@@ -1,9 +1,12 @@
-"""JSONL readers name the bad line; the prompt stream is seeded and resumable."""
+"""JSONL readers name the bad line; the prompt and human-example streams are seeded and resumable."""
 
 import numpy as np
 import pytest
 
-from selfplay.data import DataError, PromptStream, minibatches, read_jsonl, read_prompts
+from selfplay.config import UserError, WorldConfig
+from selfplay.data import DataError, ExampleStream, PromptStream, minibatches, read_examples, read_jsonl, read_prompts
+from selfplay.tokenizer import Tokenizer
+from selfplay.world.essays import World
 
 
 def test_read_prompts_and_line_numbers(tmp_path):
@@ -56,3 +59,38 @@ def test_minibatches_fixed_size():
     batches = [next(it) for _ in range(4)]
     assert all(b.shape == (4,) for b in batches)
     assert len(set(batches[0].tolist()) | set(batches[1].tolist())) == 8
+
+
+def test_read_examples_names_the_bad_line(tmp_path):
+    p = tmp_path / "human.jsonl"
+    p.write_text('{"prompt": "Write about A.", "completion": "A is a city."}\n')
+    assert read_examples(p) == [("Write about A.", "A is a city.")]
+    p.write_text('{"prompt": "Write about A.", "completion": "A is a city."}\n{"prompt": "x", "completion": " "}\n')
+    with pytest.raises(DataError, match=r"human.jsonl:2: 'completion' is empty"):
+        read_examples(p)
+    p.write_text('{"prompt": "x", "essay": "y"}\n')
+    with pytest.raises(DataError, match=r":1: missing key 'completion'"):
+        read_examples(p)
+
+
+def test_example_stream_rows_are_the_tokenizer_examples_padded_to_one_width():
+    examples = World.from_config(WorldConfig(n_entities=40)).corpus(30, seed=0)
+    tok = Tokenizer.train([t for pair in examples for t in pair], 300)
+    stream = ExampleStream(tok, examples, seed=5, max_len=512, source="corpus")
+    encoded = [tok.encode_example(p, e) for p, e in examples]
+    width = max(len(ids) for ids, _ in encoded)
+    first = stream.take(4)
+    assert first.tokens_bl.shape == first.loss_mask_bl.shape == first.valid_bl.shape == first.positions_bl.shape == (4, width)
+    order = PromptStream(len(examples), seed=5).take(4)
+    for row, i in enumerate(order):
+        ids, mask = encoded[i]
+        n = len(ids)
+        assert first.tokens_bl[row, :n].tolist() == ids and (first.tokens_bl[row, n:] == tok.pad_id).all()
+        assert first.loss_mask_bl[row, :n].tolist() == mask and not first.loss_mask_bl[row, n:].any()
+        assert first.valid_bl[row].sum() == n and first.positions_bl[row, 3] == 3
+    later = stream.take(40)  # wraps into a second epoch with the same width
+    resumed = ExampleStream(tok, examples, seed=5, max_len=512, source="corpus")
+    resumed.position = 4
+    np.testing.assert_array_equal(resumed.take(40).tokens_bl, later.tokens_bl)
+    with pytest.raises(UserError, match=rf"corpus: example \d+ has {width} tokens, more than model.max_seq_len \(20\)"):
+        ExampleStream(tok, examples, seed=5, max_len=20, source="corpus")

@@ -16,7 +16,7 @@ import pytest
 from selfplay import learner
 from selfplay.algorithms import kl_k3, masked_mean
 from selfplay.config import ActorConfig, ConfigError, LearnerConfig, ModelConfig
-from selfplay.types import Rollout
+from selfplay.types import PtxRows, Rollout
 
 V, PAD, EOS, TARGET = 8, 0, 7, 3
 PROMPT = (PAD, 1, 2)  # left-padded to width P: prompt length 2
@@ -381,3 +381,39 @@ def test_update_step_with_the_tiny_transformer():
     adv_b = rewards_b - rewards_b.reshape(N_PROMPTS, G).mean(axis=1).repeat(G)
     gain_b = (new_lp_bl - batch.ref_logprobs_bl).sum(axis=1)
     assert float(jnp.sum(adv_b * gain_b)) > 0.0
+
+
+def test_pretraining_data_term_fits_the_human_examples_and_is_its_own_loss():
+    """ptx_coef > 0: with zero advantages and no KL the human examples' NLL is the only force; loss/ptx is the
+    mean token NLL of exactly those rows (computed here independently), and it falls."""
+    human_bl = jnp.array([[1, 2, TARGET, 4, EOS, PAD, PAD], [1, 2, 5, TARGET, 6, TARGET, EOS]], jnp.int32)
+    valid_bl = (jnp.arange(L)[None, :] < jnp.array([[5], [7]])).astype(jnp.float32)
+    loss_mask_bl = valid_bl * (jnp.arange(L)[None, :] >= 2)  # the "prompt" (1, 2) is context only
+    ptx = PtxRows(human_bl, jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (2, L)), valid_bl, loss_mask_bl)
+
+    def nll(params):
+        lp_bl, _ = toy_logprob_fn(params, ptx.tokens_bl, ptx.positions_bl, ptx.valid_bl)
+        return float(-(lp_bl * loss_mask_bl).sum() / loss_mask_bl.sum())
+
+    start = random_policy(3)
+    flat = batch_for(start, start, jax.random.key(0), rewards_fn=lambda r: jnp.ones((B,), jnp.float32))
+    cfg = dataclasses.replace(BASE, kl_coef=0.0, lr=0.05, ptx_coef=1.0, ptx_batch=2, minibatches=2)
+    step = make(cfg)
+    state = init(cfg, start)
+    before = nll(start)
+    state, metrics = step(state, flat._replace(ptx=ptx), jax.random.key(1))
+    assert float(metrics["loss/ptx"]) > 0.0  # each of the two minibatch updates fits one of the two rows
+    for i in range(2, 6):
+        state, metrics = step(state, flat._replace(ptx=ptx), jax.random.key(i))
+    assert nll(state.params) < before - 0.1
+
+    one_block = dataclasses.replace(cfg, minibatches=1)
+    _, m1 = make(one_block)(init(one_block, start), flat._replace(ptx=ptx), jax.random.key(1))
+    np.testing.assert_allclose(float(m1["loss/ptx"]), before, rtol=1e-5)
+
+    with pytest.raises(ConfigError, match="exactly when ptx_coef > 0"):
+        make(BASE)(init(BASE), flat._replace(ptx=ptx), jax.random.key(0))
+    with pytest.raises(ConfigError, match="exactly when ptx_coef > 0"):
+        make(cfg)(init(cfg, start), flat, jax.random.key(0))
+    with pytest.raises(ConfigError, match="learner.ptx_batch"):
+        learner.make_optimizer(dataclasses.replace(cfg, ptx_batch=3))

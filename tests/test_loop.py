@@ -57,17 +57,19 @@ def _final_flat(run):
 
 def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     quiet = Console(quiet=True)
+    ptx = ["learner.ptx_coef=0.5", "learner.ptx_batch=4"]  # the human-example stream must resume where it was too
     straight = _copy(prepared, tmp_path, "straight")
-    loop.train(straight, None, ["run.rounds=4", "run.checkpoint_every=2"], progress=False, console=quiet)
+    loop.train(straight, None, ["run.rounds=4", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)
 
     split = _copy(prepared, tmp_path, "split")
-    loop.train(split, None, ["run.rounds=2", "run.checkpoint_every=2"], progress=False, console=quiet)  # round 2 refreshes
+    loop.train(split, None, ["run.rounds=2", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)  # round 2 refreshes
     loop.train(split, None, ["run.rounds=4", "run.checkpoint_every=2"], progress=False, console=quiet)
 
     a, b = _rows(straight), _rows(split)
     assert [r["step"] for r in a] == [1, 2, 3, 4]
     assert [r["step"] for r in b] == [1, 2, 3, 4], "a resumed run must neither repeat nor skip a round"
     assert "loss/critic" in a[1] and "loss/critic" in a[3]  # refreshes at rounds 2 and 4
+    assert all(r["loss/ptx"] > 0 for r in a)
     for ra, rb in zip(a, b):
         assert _reproducible(ra) == _reproducible(rb)
     fa, ma = _final_flat(straight)
