@@ -158,3 +158,43 @@ def test_a_partial_save_is_ignored_and_a_killed_run_resumes(prepared, tmp_path):
     _, meta = _final_flat(run)
     assert meta["round"] == 8
     assert not partial.exists(), "the partial save must be cleaned up"
+
+
+def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
+    """No world at all: the policy of the run directory, prompts and preference pairs and human examples from JSONL
+    files (the shapes TRL uses). The loop trains the critic on the file's pairs, runs its rounds on those prompts
+    with the pretraining-data term on those examples, and reports no gold figures (there is no gold grader)."""
+    from selfplay.world.essays import World
+    from selfplay.config import load_config
+
+    run = tmp_path / "own"
+    run.mkdir()
+    for name in ("policy", "tokenizer.json"):
+        src = prepared / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, run / name)
+    world = World.from_config(load_config(TINY).world)  # only to write plausible files; the run never sees it
+    corpus = world.corpus(24, seed=9)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in corpus))
+    (tmp_path / "human.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": e}) + "\n" for p, e in corpus))
+    pairs = [{"prompt": p, "chosen": e, "rejected": e.split(". ")[0] + "."} for p, e in corpus]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = loop.train(
+        run, TINY,
+        [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", f"run.pairs_file={tmp_path / 'pairs.jsonl'}",
+         f"run.ptx_file={tmp_path / 'human.jsonl'}", "critic.label_source=file", "critic.refresh_every=0",
+         "learner.ptx_coef=0.5", "learner.ptx_batch=4", "run.rounds=2"],
+        progress=False, console=Console(quiet=True),
+    )  # fmt: skip
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss/ptx"] > 0 and np.isfinite(r["reward/mean"]) for r in rows)
+    assert not any(k.startswith("gold/") for r in rows for k in r)
+    assert "gold/score" not in out["final"] and np.isfinite(out["final"]["reward/mean"])
+    report = json.loads((run / "critic_report.json").read_text())
+    assert report["label_source"] == "file" and report["pairs"] == len(pairs)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("checkpoints", "tb", "config.yaml", "eval*.json"))
+    with pytest.raises(loop.ConfigError, match="needs human examples: set run.ptx_file"):
+        loop.train(bare, TINY, [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", "critic.label_source=file",
+                                "critic.refresh_every=0", "learner.ptx_coef=0.5"], progress=False, console=Console(quiet=True))
