@@ -291,6 +291,12 @@ def _member_rewards(graphdef: nnx.GraphDef, params_k: nnx.State, tokens_nl: jax.
     return jax.vmap(one)(params_k)
 
 
+def raw_rewards(cfg: CriticConfig, scores: Scores) -> jax.Array:
+    """[B] the members' combination before the normaliser: one scale for as long as the critic is not retrained
+    (the normalised reward's running mean chases a rising score, so trends are read from this)."""
+    return combine_members(scores.members_kb, cfg.combine, cfg.uncertainty_coef)
+
+
 def _combined(cfg: CriticConfig, state: CriticState, members_kb: jax.Array) -> jax.Array:
     combined_b = combine_members(members_kb, cfg.combine, cfg.uncertainty_coef)
     return normalize(state.norm, combined_b) if cfg.normalize else combined_b

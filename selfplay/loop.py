@@ -249,6 +249,7 @@ def evaluate(
     lengths: list[float] = []
     kls: list[float] = []
     rewards: list[np.ndarray] = []
+    raws: list[np.ndarray] = []
     for c, start in enumerate(range(0, len(prompts), gen.batch)):
         chunk = list(prompts[start : start + gen.batch])
         real = len(chunk)
@@ -258,11 +259,13 @@ def evaluate(
         essays += gen.completions(rollout, p)[:n]
         lp, _ = fns.logprob_fn(params, *_inputs(rollout, p))
         ref = fns.reference(p)(ref_params, rollout)
-        mask, delta, reward = sharding.to_host((rollout.completion_mask_bl, lp - ref, critic.fns.score(critic.state, rollout, p).rewards_b))
+        scores = critic.fns.score(critic.state, rollout, p)
+        mask, delta, reward, raw = sharding.to_host((rollout.completion_mask_bl, lp - ref, scores.rewards_b, C.raw_rewards(critic.ccfg, scores)))
         mask = mask[:n]
         lengths += list(mask.sum(1))
         kls += list((delta[:n] * mask).sum(1))
         rewards.append(reward[:n])
+        raws.append(raw[:n])
     rep = [p for p in prompts for _ in range(g)]
     out: dict[str, float] = {}
     grades = task.grades(rep, essays)
@@ -275,6 +278,7 @@ def evaluate(
     out["completions/mean_length"] = float(np.mean(lengths))
     out["kl/sequence"] = float(np.mean(kls))
     out["reward/mean"] = float(np.mean(np.concatenate(rewards)))
+    out["reward/raw_mean"] = float(np.mean(np.concatenate(raws)))
     return out
 
 
@@ -291,7 +295,7 @@ TABLE_ROWS = [
     ("diversity/distinct_2", "distinct-2", "up"),
     ("diversity/self_bleu", "self-BLEU", "down"),
     ("completions/mean_length", "mean length (tokens)", ""),
-    ("reward/mean", "critic reward", "up"),
+    ("reward/raw_mean", "critic score (raw)", "up"),
     ("critic/accuracy", "critic agrees with gold", "up"),
     ("kl/sequence", "KL to SFT (per essay)", ""),
 ]
@@ -554,6 +558,7 @@ def run_round(
     scores = critic.fns.score(critic.state, rollout, p)
     critic.state = critic.fns.observe(critic.state, scores.members_kb)
     rewards_b = jax.block_until_ready(scores.rewards_b)
+    raw_b = C.raw_rewards(critic.ccfg, scores)
     timing["timing/score"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -585,11 +590,12 @@ def run_round(
             critic.state = fns.layout.place_state(critic.state)
         timing["timing/critic"] = time.perf_counter() - t
 
-    r, mask, eos_b = sharding.to_host((rewards_b, rollout.completion_mask_bl, rollout.eos_b))
+    r, raw, mask, eos_b = sharding.to_host((rewards_b, raw_b, rollout.completion_mask_bl, rollout.eos_b))
     n_tokens = float(mask.sum())
     metrics |= {
         "reward/mean": float(r.mean()),
         "reward/std": float(r.std()),
+        "reward/raw_mean": float(raw.mean()),
         "completions/mean_length": n_tokens / len(essays),
         "completions/clipped_ratio": float(1.0 - eos_b.mean()),
     }

@@ -86,7 +86,8 @@ class Alarm:
 class Monitor:
     """Watches per-round means and raises alarms:
 
-    - `alarm/over_optimisation`: over the last `window` rounds the critic's reward rose (least-squares
+    - `alarm/over_optimisation`: over the last `window` rounds the critic's raw score (`reward/raw_mean`,
+      before the normaliser, whose running mean would chase a rising score and hide it) rose (least-squares
       slope > 0 and last - first > `min_change`) while gold fell (slope < 0 and first - last > `min_change`).
     - `alarm/kl`: the policy's KL to the reference above `kl_max`.
     - `alarm/collapse`: distinct-2 below `collapse_fraction` of its value for the SFT policy.
@@ -116,7 +117,7 @@ class Monitor:
         cfg = self.cfg
         alarms: list[Alarm] = []
         w = cfg.window
-        self.rewards.append(float(metrics["reward/mean"]))
+        self.rewards.append(float(metrics["reward/raw_mean"]))
         if "gold/score" in metrics:
             self.golds.append(float(metrics["gold/score"]))
         if len(self.golds) >= w and len(self.rewards) >= w:

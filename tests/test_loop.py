@@ -105,7 +105,7 @@ def test_tensorboard_has_the_documented_tags(prepared, tmp_path):
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     expected = {
-        "reward/mean", "reward/std", "gold/score", "gold/coverage", "gold/hallucination_rate", "gold/repetition_rate",
+        "reward/mean", "reward/std", "reward/raw_mean", "gold/score", "gold/coverage", "gold/hallucination_rate", "gold/repetition_rate",
         "kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "loss/policy", "loss/value",
         "loss/critic", "critic/accuracy", "completions/mean_length", "completions/clipped_ratio",
         "diversity/distinct_2", "diversity/self_bleu", "perf/tokens_per_s", "perf/step_time",

@@ -43,9 +43,20 @@ def test_diversity_keys():
 def _feed(monitor, rewards, golds, **extra):
     fired = []
     for r, g in zip(rewards, golds):
-        alarms, scalars = monitor.observe({"reward/mean": r, "gold/score": g, **extra})
+        alarms, scalars = monitor.observe({"reward/raw_mean": r, "gold/score": g, **extra})
         fired.append((alarms, scalars))
     return fired
+
+
+def test_over_optimisation_reads_the_raw_critic_score_not_the_normalised_reward():
+    """The normaliser's running mean chases a rising raw score, so the normalised reward can fall while the policy
+    exploits the critic (measured: configs/no_safeguards.yaml); the alarm must follow the raw score."""
+    m = Monitor(MonitorConfig(window=4, min_change=0.05))
+    fired = []
+    for raw, norm, gold in zip([1.0, 1.5, 2.0, 2.5], [0.9, 0.6, 0.4, 0.2], [0.6, 0.5, 0.4, 0.3]):
+        alarms, _ = m.observe({"reward/raw_mean": raw, "reward/mean": norm, "gold/score": gold})
+        fired.append([a.name for a in alarms])
+    assert fired[-1] == ["over_optimisation"]
 
 
 def test_over_optimisation_fires_when_proxy_rises_and_gold_falls():
@@ -73,10 +84,10 @@ def test_over_optimisation_stays_quiet_otherwise(rewards, golds):
 
 def test_kl_and_collapse_alarms():
     m = Monitor(MonitorConfig(window=4, kl_max=0.5, collapse_fraction=0.8), sft_distinct_2=0.5)
-    alarms, scalars = m.observe({"reward/mean": 0.0, "kl": 0.7, "diversity/distinct_2": 0.39})
+    alarms, scalars = m.observe({"reward/raw_mean": 0.0, "kl": 0.7, "diversity/distinct_2": 0.39})
     assert {a.name for a in alarms} == {"kl", "collapse"}
     assert scalars == {"alarm/over_optimisation": 0.0, "alarm/kl": 1.0, "alarm/collapse": 1.0}
-    alarms, _ = m.observe({"reward/mean": 0.0, "kl": 0.1, "diversity/distinct_2": 0.41})
+    alarms, _ = m.observe({"reward/raw_mean": 0.0, "kl": 0.1, "diversity/distinct_2": 0.41})
     assert alarms == []
 
 
@@ -85,7 +96,7 @@ def test_monitor_state_round_trip():
     _feed(m, [0.1, 0.2], [0.5, 0.4])
     m2 = Monitor(MonitorConfig(window=3))
     m2.load_state_dict(m.state_dict())
-    a1, _ = m.observe({"reward/mean": 0.4, "gold/score": 0.2})
-    a2, _ = m2.observe({"reward/mean": 0.4, "gold/score": 0.2})
+    a1, _ = m.observe({"reward/raw_mean": 0.4, "gold/score": 0.2})
+    a2, _ = m2.observe({"reward/raw_mean": 0.4, "gold/score": 0.2})
     assert [a.name for a in a1] == [a.name for a in a2] == ["over_optimisation"]
     assert math.isclose(m2.sft_distinct_2, 0.4)
