@@ -282,6 +282,18 @@ def evaluate(
     return out
 
 
+CRITIC_KEYS = ("reward/mean", "reward/raw_mean", "critic/accuracy")
+
+
+def sft_column(sft_eval: dict, cfg: Config, gen: Generator, ref_params: Any, critic: C.Critic, task: Task, fns: Functions) -> dict:
+    """The table's SFT column next to a policy judged by `critic`: once the critic has been refreshed its scores
+    have another scale, so the SFT policy's critic rows are scored again by it (the gold rows are kept)."""
+    if critic.refreshes == 0:
+        return sft_eval
+    again = evaluate(cfg, gen, ref_params, ref_params, critic, task, fns)
+    return sft_eval | {k: again[k] for k in CRITIC_KEYS if k in again}
+
+
 TABLE_ROWS = [
     ("gold/score", "gold score", "up"),
     ("gold/coverage", "coverage", "up"),
@@ -477,6 +489,8 @@ def train(
                 metrics |= alarm_scalars
                 for a in alarms:
                     log(f"[bold yellow]alarm[/bold yellow] round {rnd}: {a.message}")
+                if samples["refreshed"]:  # later rounds are scored by the retrained critic
+                    monitor.critic_changed()
                 if rnd % rc.log_every == 0 or rnd == rc.rounds:
                     tracker.scalars(rnd, metrics)
                     tracker.histogram(rnd, "reward/hist", samples["rewards"])
@@ -513,6 +527,7 @@ def train(
         tracker.close()
 
     final_eval = evaluate(cfg, gen, state.params, ref_params, critic, task, fns)
+    sft_eval = sft_column(sft_eval, cfg, gen, ref_params, critic, task, fns)
     result = {
         "rounds": rc.rounds,
         "stopped_by_alarm": stopped_by,
@@ -542,7 +557,8 @@ def run_round(
     refresh_source: C.PairSource | None,
     ptx: ExampleStream | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """One self-play round; returns (metrics, {"state": the new learner state, "rewards", "text"})."""
+    """One self-play round; returns (metrics, {"state": the new learner state, "rewards", "text", "refreshed":
+    whether the critic was retrained at its end})."""
     n_prompts, g = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt
     key_r = jax.random.fold_in(key, rnd)
     timing: dict[str, float] = {}
@@ -583,7 +599,8 @@ def run_round(
     timing["timing/update"] = time.perf_counter() - t
 
     metrics: dict[str, float] = {k: float(v) for k, v in m.items()}
-    if refresh_source is not None and rnd % cfg.critic.refresh_every == 0:
+    refreshed = refresh_source is not None and rnd % cfg.critic.refresh_every == 0
+    if refreshed:
         t = time.perf_counter()
         metrics |= C.refresh(critic, state.params, refresh_source)
         if fns.layout is not None:  # the re-calibrated normaliser is made on the host
@@ -618,7 +635,7 @@ def run_round(
     text = "\n\n".join(
         f"**prompt:** {rep[i]}\n\n**critic** {r[i]:+.3f}{gold_text[i]}\n\n{essays[i]}" for i in list(shown)[:4]
     )
-    return metrics, {"state": state, "rewards": r, "text": text}
+    return metrics, {"state": state, "rewards": r, "text": text, "refreshed": refreshed}
 
 
 def _pair_agreement(rewards_b: np.ndarray, gold_b: np.ndarray, g: int) -> float | None:
@@ -654,11 +671,15 @@ def evaluate_checkpoint(
         if step is None:
             raise UserError(f"{run_dir} has no training checkpoint yet; run `selfplay train --run-dir {run_dir}`")
         template = _abstract(_device_state(state, critic, key))
-        flat, _ = ckpt.restore(step, checkpoint.flatten_tree(template))
+        flat, meta = ckpt.restore(step, checkpoint.flatten_tree(template))
     restored = checkpoint.unflatten_like(template, flat)
     critic.state = restored["critic"]
+    _restore_critic_meta(critic, meta["critic"])
     sft_path = run_dir / SFT_EVAL_FILE
-    sft = json.loads(sft_path.read_text()) if sft_path.is_file() else evaluate(cfg, gen, policy.params, policy.params, critic, task, fns)
+    if sft_path.is_file():
+        sft = sft_column(json.loads(sft_path.read_text()), cfg, gen, policy.params, critic, task, fns)
+    else:
+        sft = evaluate(cfg, gen, policy.params, policy.params, critic, task, fns)
     final = evaluate(cfg, gen, restored["learner"].params, policy.params, critic, task, fns)
     return {"step": step, "sft": sft, "final": final}
 

@@ -89,6 +89,7 @@ class Monitor:
     - `alarm/over_optimisation`: over the last `window` rounds the critic's raw score (`reward/raw_mean`,
       before the normaliser, whose running mean would chase a rising score and hide it) rose (least-squares
       slope > 0 and last - first > `min_change`) while gold fell (slope < 0 and first - last > `min_change`).
+      A retrained critic scores on another scale, so `critic_changed()` starts the window afresh.
     - `alarm/kl`: the policy's KL to the reference above `kl_max`.
     - `alarm/collapse`: distinct-2 below `collapse_fraction` of its value for the SFT policy.
     """
@@ -106,6 +107,11 @@ class Monitor:
         self.rewards = [float(x) for x in d["rewards"]]
         self.golds = [float(x) for x in d["golds"]]
         self.sft_distinct_2 = d["sft_distinct_2"]
+
+    def critic_changed(self) -> None:
+        """The critic was retrained (a refresh): its later scores are not comparable with the earlier ones."""
+        self.rewards.clear()
+        self.golds.clear()
 
     @staticmethod
     def _slope(y: Sequence[float]) -> float:

@@ -72,6 +72,10 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     assert all(r["loss/ptx"] > 0 for r in a)
     for ra, rb in zip(a, b):
         assert _reproducible(ra) == _reproducible(rb)
+    table = json.loads((straight / loop.EVAL_FILE).read_text())
+    first = json.loads((straight / loop.SFT_EVAL_FILE).read_text())  # the SFT policy as the initial critic saw it
+    assert table["sft"]["gold/score"] == first["gold/score"]
+    assert table["sft"]["reward/raw_mean"] != first["reward/raw_mean"], "the refreshed critic must re-score the SFT column"
     fa, ma = _final_flat(straight)
     fb, mb = _final_flat(split)
     assert fa.keys() == fb.keys()

@@ -59,6 +59,18 @@ def test_over_optimisation_reads_the_raw_critic_score_not_the_normalised_reward(
     assert fired[-1] == ["over_optimisation"]
 
 
+def test_a_retrained_critic_starts_the_trend_window_afresh():
+    m = Monitor(MonitorConfig(window=4, min_change=0.05))
+    _feed(m, [0.1, 0.2, 0.3], [0.6, 0.55, 0.5])
+    m.critic_changed()  # a refresh: the next scores are on the retrained critic's scale
+    out = _feed(m, [2.0, 2.1, 2.2, 2.3], [0.45, 0.4, 0.35, 0.3])
+    assert [o[0] for o in out[:3]] == [[], [], []]  # not compared with the old critic's scores
+    assert [a.name for a in out[3][0]] == ["over_optimisation"]
+    restored = Monitor(MonitorConfig(window=4, min_change=0.05))
+    restored.load_state_dict(m.state_dict())
+    assert restored.rewards == [2.0, 2.1, 2.2, 2.3]
+
+
 def test_over_optimisation_fires_when_proxy_rises_and_gold_falls():
     cfg = MonitorConfig(window=4, min_change=0.05)
     m = Monitor(cfg)
