@@ -257,11 +257,13 @@ def make_update_step(
     optimiser update per block, all inside `lax.scan`. PPO's loss is the policy objective + vf_coef * value
     loss; the value params have their own optimiser (and gradient clipping), so with Adam vf_coef matters
     mainly through that clipping. After the update the KL controller sees this step's `kl` (the per-token
-    mean KL(pi || pi_ref) under learner.kl_estimator, averaged over the minibatches) over B samples.
+    mean KL(pi || pi_ref) under learner.kl_estimator, averaged over the minibatches) over B samples. With
+    learner.ptx_coef > 0 (the pretraining-data term) every minibatch loss adds ptx_coef x the mean token NLL of
+    its share of `batch.ptx`, the human examples, split in order over the minibatches and reused each epoch.
 
     Metrics (float32 scalars; means over the E x M minibatches unless said otherwise): loss/policy (the clipped
-    surrogate), loss/value (0 without ppo), loss/ptx (the human examples' mean token NLL; 0 without them), kl, entropy, clip_ratio/{low,high,region}, policy/approx_kl,
-    grad_norm (before clipping), update_norm, lr (of the last optimiser update), skipped_nonfinite (int32,
+    surrogate), loss/value (0 without ppo), loss/ptx (the human examples' mean token NLL; 0 without them), kl,
+    entropy, clip_ratio/{low,high,region}, policy/approx_kl, grad_norm (before clipping), update_norm, lr (of the last optimiser update), skipped_nonfinite (int32,
     updates skipped in this step for NaN/Inf gradients), kl_coef (the beta this step used), advantages/{mean,std}
     (over completion tokens); with ppo also value/clip_frac and value/skipped_nonfinite; with a plain sampler
     policy/sampling_logprob_gap (mean |sampling - pi_old log-prob| on completion tokens: should be ~0 when the

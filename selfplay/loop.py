@@ -1,6 +1,6 @@
 """The self-play loop behind `selfplay train`: host-side orchestration only, no math.
 
-    prompts -> actor.sample -> critic.score -> reference log-probs -> learner.update
+    prompts -> actor.sample -> critic.score -> reference log-probs -> learner.update (+ human examples, learner.ptx_coef)
     every critic.refresh_every rounds: critic.refresh on the policy's own samples
     every round: gold grader (when the world is the task), diversity, alarms -> TensorBoard
     every run.checkpoint_every rounds and at the end: one orbax checkpoint of everything needed to resume exactly
@@ -462,7 +462,7 @@ def train(
         start_round = int(meta["round"])
         stream.position = int(meta["prompt_position"])
         if ptx is not None:
-            ptx.position = int(meta.get("ptx_position", 0))
+            ptx.position = int(meta["ptx_position"])
         monitor.load_state_dict(meta["monitor"])
         skipped_total = int(meta["skipped_nonfinite"])
         _restore_critic_meta(critic, meta["critic"])
