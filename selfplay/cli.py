@@ -89,7 +89,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from selfplay import loop, sharding
 
-    result = loop.evaluate_checkpoint(args.run_dir, args.checkpoint)
+    result = loop.evaluate_checkpoint(args.run_dir, args.checkpoint, list(args.overrides))
     if not sharding.is_logging_process():  # every process computes the table; one prints it
         return 0
     if args.json:
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run-dir", required=True)
     ev.add_argument("--checkpoint", type=int, default=None, help="round of the checkpoint (default: the latest)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mesh.* overrides: evaluate on other devices than the run used")
     ev.set_defaults(fn=_cmd_eval)
 
     imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Hugging Face Llama/Mistral/Qwen2 checkpoint")

@@ -84,7 +84,7 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     assert ma == mb
 
 
-def test_rerun_at_the_final_round_runs_nothing(prepared, tmp_path):
+def test_rerun_at_the_final_round_runs_nothing_and_eval_repeats_the_table(prepared, tmp_path, capsys):
     run = _copy(prepared, tmp_path, "final")
     quiet = Console(quiet=True)
     loop.train(run, None, ["run.rounds=2"], progress=False, console=quiet)
@@ -92,7 +92,16 @@ def test_rerun_at_the_final_round_runs_nothing(prepared, tmp_path):
     loop.train(run, None, ["run.rounds=2"], progress=False, console=console)
     assert "already run 2 of run.rounds=2" in console.export_text()
     assert [r["step"] for r in _rows(run)] == [1, 2]
-    assert json.loads((run / loop.EVAL_FILE).read_text())["final"]["gold/score"] >= 0.0
+    table = json.loads((run / loop.EVAL_FILE).read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--json", "mesh.fsdp=1"]) == 0  # mesh.* overrides are accepted
+    again = json.loads(capsys.readouterr().out)
+    assert again["step"] == 2
+    for column in ("sft", "final"):  # the same checkpoint, critic and held-out draws: the same table
+        for k in ("gold/score", "diversity/distinct_2", "reward/raw_mean", "kl/sequence"):
+            assert again[column][k] == pytest.approx(table[column][k], rel=1e-5, abs=1e-6), (column, k)
+    assert main(["eval", "--run-dir", str(run), "learner.lr=0.5"]) == 2
+    assert "differs from the given config in: learner.lr" in capsys.readouterr().err
 
 
 def test_changing_what_a_run_computes_is_refused(prepared, tmp_path, capsys):
