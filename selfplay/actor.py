@@ -123,6 +123,22 @@ def sample_token(
 # The sampler.
 # ----------------------------------------------------------------------------------------------
 
+DecodeBuffers = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]  # tokens_bl, lp_bl, mask_bl, done_b, eos_b
+
+
+def emit_token(bufs: DecodeBuffers, col: int | jax.Array, tok_b: jax.Array, lp_b: jax.Array, *, pad_id: int, eos_id: int) -> DecodeBuffers:
+    """Write the token chosen for buffer column `col` (pad, log-prob 0 and mask 0 on rows already done); a row
+    that writes EOS is done from then on."""
+    tokens_bl, lp_bl, mask_bl, done_b, eos_b = bufs
+    live_b = ~done_b
+    tok_b = jnp.where(live_b, tok_b, pad_id)
+    tokens_bl = jax.lax.dynamic_update_slice(tokens_bl, tok_b[:, None], (0, col))
+    lp_bl = jax.lax.dynamic_update_slice(lp_bl, jnp.where(live_b, lp_b, 0.0)[:, None], (0, col))
+    mask_bl = jax.lax.dynamic_update_slice(mask_bl, live_b.astype(jnp.float32)[:, None], (0, col))
+    hit_b = live_b & (tok_b == eos_id)
+    return tokens_bl, lp_bl, mask_bl, done_b | hit_b, eos_b | hit_b
+
+
 
 def make_sampler(
     model_cfg: ModelConfig,
@@ -181,17 +197,8 @@ def make_sampler(
         zeros_bl = jnp.zeros((b, l), jnp.float32)
         no_b = jnp.zeros((b,), bool)
 
-        def emit(i, tok_b, lp_b, state):
-            """Write the token chosen for completion column i (pad on rows already done)."""
-            tokens_bl, lp_bl, mask_bl, done_b, eos_b = state
-            live_b = ~done_b
-            tok_b = jnp.where(live_b, tok_b, pad_id)
-            col = p + i
-            tokens_bl = jax.lax.dynamic_update_slice(tokens_bl, tok_b[:, None], (0, col))
-            lp_bl = jax.lax.dynamic_update_slice(lp_bl, jnp.where(live_b, lp_b, 0.0)[:, None], (0, col))
-            mask_bl = jax.lax.dynamic_update_slice(mask_bl, live_b.astype(jnp.float32)[:, None], (0, col))
-            hit_b = live_b & (tok_b == eos_id)
-            return tokens_bl, lp_bl, mask_bl, done_b | hit_b, eos_b | hit_b
+        def emit(i, tok_b, lp_b, bufs):  # completion column i
+            return emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_id=eos_id)
 
         last_bv = jnp.repeat(logits_npv[:, -1], g, axis=0)
         tok_b, lp_b = sample_token(last_bv, jax.random.fold_in(rng, 0), **choose)

@@ -396,20 +396,13 @@ def make_nocache_sampler(model_cfg: ModelConfig, actor_cfg: ActorConfig, *, eos_
         )
         zeros_bl = jnp.zeros((b, l), jnp.float32)
 
-        def body(i, carry):
-            tokens_bl, lp_bl, mask_bl, done_b, eos_b = carry
+        def body(i, bufs):
+            tokens_bl, _, mask_bl = bufs[:3]
             valid_bl = prompt_bl | (mask_bl > 0)
             h_bld, _ = model.hidden(tokens_bl, positions_bl, valid_bl)
             last_b1d = jax.lax.dynamic_slice_in_dim(h_bld, p + i - 1, 1, axis=1)
             tok_b, lp_b = actor.sample_token(model.logits(last_b1d)[:, 0], jax.random.fold_in(rng, i), **choose)
-            live_b = ~done_b
-            tok_b = jnp.where(live_b, tok_b, pad_id)
-            col = p + i
-            tokens_bl = jax.lax.dynamic_update_slice(tokens_bl, tok_b[:, None], (0, col))
-            lp_bl = jax.lax.dynamic_update_slice(lp_bl, jnp.where(live_b, lp_b, 0.0)[:, None], (0, col))
-            mask_bl = jax.lax.dynamic_update_slice(mask_bl, live_b.astype(jnp.float32)[:, None], (0, col))
-            hit_b = live_b & (tok_b == eos_id)
-            return tokens_bl, lp_bl, mask_bl, done_b | hit_b, eos_b | hit_b
+            return actor.emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_id=eos_id)
 
         no_b = jnp.zeros((b,), bool)
         tokens_bl, lp_bl, mask_bl, _, eos_b = jax.lax.fori_loop(0, max_new, body, (tokens_bl, zeros_bl, zeros_bl, no_b, no_b))
