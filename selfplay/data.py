@@ -115,7 +115,7 @@ class ExampleStream:
 
     def take(self, k: int) -> PtxRows:
         idx = self.stream.take(k)
-        return PtxRows(self.tokens[idx], np.ascontiguousarray(self.positions[idx]), self.valid[idx], self.loss_mask[idx])
+        return PtxRows(self.tokens[idx], self.positions[idx], self.valid[idx], self.loss_mask[idx])  # indexing copies
 
 
 class PromptStream:
