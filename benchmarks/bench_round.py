@@ -1,6 +1,7 @@
 """End-to-end throughput: completions/s of a synthetic self-play round and its time split by stage.
 
-The same as `selfplay bench round` (the code is selfplay/bench.py); arguments pass through:
+The same as `selfplay bench round` (the code is selfplay/jobs/bench.py, its counting and timing
+selfplay/perf.py); arguments pass through:
 
     python benchmarks/bench_round.py --config configs/bench_reference.yaml --out benchmarks/results.jsonl
 """

@@ -3,7 +3,7 @@
     python benchmarks/profile_ops.py update --config configs/bench_reference.yaml
     python benchmarks/profile_ops.py sample --config configs/bench_reference.yaml [bench.batches=[64]]
 
-Builds the step exactly as `selfplay bench learner` / `selfplay bench actor` do (selfplay/bench.py), compiles it,
+Builds the step exactly as `selfplay bench learner` / `selfplay bench actor` do (selfplay/jobs/bench.py), compiles it,
 runs it once more, then traces one call and sums the trace's operation events (XLA CPU thunks / GPU kernels) by
 class: matmuls (dot, YNNPACK/XNNPACK/oneDNN fusions), layout copies and transposes, other fusions (elementwise and
 reductions), and the rest (loop control). Times are exclusive (a while loop's own time, not its body's) and summed
@@ -24,8 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from selfplay import actor, bench, learner
-from selfplay.config import load_config
+from selfplay import actor, learner
+from selfplay.config import load_bench_config
+from selfplay.jobs import bench
 
 
 def classify(name: str) -> str:
@@ -65,27 +66,28 @@ def exclusive_ms(events: list[dict]) -> tuple[collections.Counter, collections.C
     return ops, calls
 
 
-def build(which: str, cfg):
+def build(which: str, cfg, bcfg):
     """(call() -> output, description) for one update step or one sampler call, as the benchmarks build them."""
     graphdef, params = bench._policy(cfg)
     if which == "update":
         n, g = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt
-        rollout, p = bench.synthetic_rollout(cfg, n, g, cfg.run.seed)
+        rollout, p = bench.synthetic_rollout(cfg, bcfg, n, g, cfg.run.seed)
         batch = learner.Batch(rollout, jnp.linspace(-1.0, 1.0, n * g), rollout.logprobs_bl)
-        update, init = bench._update_parts(cfg, graphdef, p)
-        state = [init(params)]
+        steps, state0 = bench._learner_steps(cfg, graphdef, params)
+        update = steps.update(p)
+        state = [state0]
 
         def call():
             state[0], metrics = update(state[0], batch, jax.random.key(0))
             return state[0].params, metrics
 
         return call, f"update step, {n * g} rows x {rollout.tokens_bl.shape[1]} tokens"
-    b = (cfg.bench.batches or (cfg.actor.prompts_per_round * cfg.actor.samples_per_prompt,))[-1]
-    new = (cfg.bench.new_tokens or (cfg.actor.max_new_tokens,))[0]
+    b = (bcfg.batches or (cfg.actor.prompts_per_round * cfg.actor.samples_per_prompt,))[-1]
+    new = (bcfg.new_tokens or (cfg.actor.max_new_tokens,))[0]
     n, g = bench._group(b, cfg.actor.samples_per_prompt)
-    prompts_bp, len_n, _ = bench.synthetic_prompts(cfg, n, new, cfg.run.seed)
+    prompts_bp, len_n, _ = bench.synthetic_prompts(cfg, bcfg, n, new, cfg.run.seed)
     actor_cfg = dataclasses.replace(cfg.actor, max_new_tokens=new)
-    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_id=cfg.bench.eos_id, pad_id=bench.PAD_ID)
+    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_id=bcfg.eos_id, pad_id=bench.PAD_ID)
     prompts_bp, len_n = jnp.asarray(prompts_bp), jnp.asarray(len_n)
     return (lambda: sampler(graphdef, params, prompts_bp, len_n, jax.random.key(0), g)), f"sampler call, batch {b}, {new} new tokens"
 
@@ -97,8 +99,8 @@ def main() -> None:
     ap.add_argument("--trace-dir", default="/tmp/selfplay-profile")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
-    cfg = load_config(args.config, args.overrides)
-    call, what = build(args.which, cfg)
+    cfg, bcfg = load_bench_config(args.config, args.overrides)
+    call, what = build(args.which, cfg, bcfg)
     jax.block_until_ready(call())
     jax.block_until_ready(call())
     t = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The jitted sampler: one prefill of the prompts shared by their G samples, then a `lax.while_loop` decode.
+"""The actor: the jitted sampler (one prefill of the prompts shared by their G samples, then a `lax.while_loop`
+decode) and the `Generator` that feeds it text prompts and decodes what it wrote.
 
 Also owns host-side prompt bucketing (`pad_prompts`) and the temperature / top-k / top-p / greedy token choice.
 
@@ -11,15 +12,20 @@ plain temperature-1 log-prob of the chosen token instead (a constant 0 would car
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfplay.config import ActorConfig, ConfigError, ModelConfig, UserError
+from selfplay import sharding
+from selfplay.config import ActorConfig, ModelConfig, UserError, check_actor_fits_model
+from selfplay.data import fixed_chunks
 from selfplay.models import transformer
 from selfplay.types import Rollout
+
+if TYPE_CHECKING:
+    from selfplay.policy import Policy
 
 
 def pad_prompts(
@@ -158,11 +164,7 @@ def make_sampler(
     """
     constrain = constrain_cache or (lambda cache: cache)
     max_new = actor_cfg.max_new_tokens
-    if max(actor_cfg.prompt_buckets) + max_new > model_cfg.max_seq_len:
-        raise ConfigError(
-            f"actor.prompt_buckets max ({max(actor_cfg.prompt_buckets)}) + actor.max_new_tokens ({max_new}) "
-            f"exceeds model.max_seq_len ({model_cfg.max_seq_len})"
-        )
+    check_actor_fits_model(actor_cfg, model_cfg)
     choose = dict(
         temperature=actor_cfg.temperature, top_k=actor_cfg.top_k, top_p=actor_cfg.top_p, greedy=actor_cfg.greedy
     )
@@ -232,3 +234,72 @@ def make_sampler(
         )
 
     return sampler
+
+
+class Generator:
+    """Writes completions for text prompts with fixed shapes: prompts go in chunks of `batch` (the last chunk
+    padded by repeating a prompt), so one compilation serves every chunk of a bucket.
+
+    With a `layout` the sampler runs on its mesh: every process encodes the same whole chunk, each device gets its
+    prompt rows, the KV cache and the Rollout are split over the batch axes (pass params placed on the same mesh);
+    `completions` gathers the rows to decode them."""
+
+    def __init__(
+        self, policy: Policy, actor_cfg: ActorConfig, batch: int, layout: sharding.Layout | None = None, *, eos_id: int | None = None,
+        pad_id: int | None = None,
+    ):
+        """eos_id / pad_id: the tokenizer's unless given (a benchmark on synthetic tokens passes eos_id=-1: no row ends)."""
+        self.policy = policy
+        self.actor_cfg = actor_cfg
+        self.batch = batch
+        self.layout = layout
+        eos_id = policy.tokenizer.eos_id if eos_id is None else eos_id
+        pad_id = policy.tokenizer.pad_id if pad_id is None else pad_id
+        if layout is None:
+            self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_id=eos_id, pad_id=pad_id)
+        else:
+            constrain = sharding.kv_cache_constraint(layout.mesh, layout.rules)
+            sampler = make_sampler(policy.cfg.model, actor_cfg, eos_id=eos_id, pad_id=pad_id, constrain_cache=constrain)
+            self._sample = sharding.shard_sampler(sampler, layout.mesh, layout.rules)
+
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        tok = self.policy.tokenizer
+        return pad_prompts(
+            [tok.encode_prompt(p) for p in prompts],
+            self.actor_cfg.prompt_buckets,
+            tok.pad_id,
+            self.actor_cfg.too_long_prompt,
+            max_new_tokens=self.actor_cfg.max_new_tokens,
+            max_seq_len=self.policy.cfg.model.max_seq_len,
+        )
+
+    def rollout(self, params: Any, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int) -> tuple[Rollout, int]:
+        """One sampler call on exactly `self.batch` prompts: (Rollout of batch * G rows, prompt width P)."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"Generator.rollout takes exactly {self.batch} prompts, got {len(prompts)}")
+        tokens_bp, len_b, p = self.encode(prompts)
+        return self.sample(params, tokens_bp, len_b, rng, samples_per_prompt), p
+
+    def sample(self, params: Any, tokens_bp: Any, len_b: Any, rng: jax.Array, samples_per_prompt: int) -> Rollout:
+        """The sampler on already encoded, left-padded prompts (`encode`'s first two outputs)."""
+        if self.layout is not None:  # the key too: a committed and an uncommitted key would compile twice
+            tokens_bp, len_b = self.layout.place_batch((tokens_bp, len_b))
+            rng = sharding.place(rng, self.layout.replicated)
+        rollout, _ = self._sample(self.policy.graphdef, params, tokens_bp, len_b, rng, samples_per_prompt)
+        return rollout
+
+    def completions(self, rollout: Rollout, prompt_width: int) -> list[str]:
+        """The decoded completion of every row (EOS and padding dropped)."""
+        tok = self.policy.tokenizer
+        tokens, mask = sharding.to_host((rollout.tokens_bl, rollout.completion_mask_bl))
+        tokens, mask = tokens[:, prompt_width:], mask[:, prompt_width:] > 0
+        return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t != tok.eos_id]) for row, mrow in zip(tokens, mask)]
+
+    def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:
+        """Completions for every prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""
+        params = self.policy.params if params is None else params
+        out: list[str] = []
+        for c, chunk, real in fixed_chunks(prompts, self.batch):
+            rollout, p = self.rollout(params, chunk, jax.random.fold_in(rng, c), samples_per_prompt)
+            out += self.completions(rollout, p)[: real * samples_per_prompt]
+        return out

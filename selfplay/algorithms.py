@@ -1,5 +1,6 @@
 """Pure JAX maths of the policy-gradient learner: advantage estimators (grpo, rloo, reinforce++, ppo/gae),
 KL estimators, the clipped policy loss, the value loss, loss aggregation and the adaptive KL controller.
+Over 400 lines because each estimator keeps its formula and its shape contract next to it, one small function each.
 
 Shapes: b batch rows (G consecutive rows per prompt: row = prompt_index * G + g), t token positions.
 `mask_bt` is a float 0/1 mask that is 1 on completion tokens only; masked positions contribute nothing to

@@ -182,6 +182,16 @@ def save_once(directory: str | Path, state: Any, meta: dict | None = None, step:
         ckpt.save(step, state, meta)
 
 
+def has_checkpoint(directory: str | Path) -> bool:
+    """True when `directory` is a directory holding at least one complete checkpoint step (never raises for a
+    missing directory: False)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return False
+    with Checkpointer(d, read_only=True) as ckpt:
+        return ckpt.latest_step() is not None
+
+
 def restore_latest(directory: str | Path, target: Any = None) -> tuple[Any, dict, int]:
     """(state, meta, step) of the latest complete checkpoint in `directory`."""
     with Checkpointer(directory, read_only=True) as ckpt:

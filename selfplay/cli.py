@@ -42,14 +42,14 @@ def _cmd_world_grade(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from selfplay import sft
+    from selfplay.jobs import sft
 
     sft.pretrain(cfg, args.run_dir, progress=not args.no_progress)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from selfplay import generate
+    from selfplay.jobs import generate
 
     return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts, seed=args.seed)
 
@@ -58,11 +58,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_critic_train(args: argparse.Namespace) -> int:
-    from selfplay import critic_cli
+    from selfplay.jobs import critic
     from selfplay.policy import load_run_config
 
     cfg = load_config(args.config, list(args.overrides)) if args.config else load_run_config(args.run_dir, list(args.overrides))
-    critic_cli.train_critic(cfg, args.run_dir, pairs_file=args.pairs, progress=not args.no_progress)
+    critic.train_critic(cfg, args.run_dir, pairs_file=args.pairs, progress=not args.no_progress)
     return 0
 
 
@@ -78,24 +78,26 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from selfplay import loop
+    from selfplay.run.train import train
 
-    loop.train(args.run_dir, args.config, list(args.overrides), progress=not args.no_progress)
+    train(args.run_dir, args.config, list(args.overrides), progress=not args.no_progress)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from selfplay import loop, sharding
+    from selfplay import sharding
+    from selfplay.run.evaluate import evaluate_checkpoint, print_table
+    from selfplay.tracking import json_safe
 
-    result = loop.evaluate_checkpoint(args.run_dir, args.checkpoint, list(args.overrides))
+    result = evaluate_checkpoint(args.run_dir, args.checkpoint, list(args.overrides))
     if not sharding.is_logging_process():  # every process computes the table; one prints it
         return 0
     if args.json:
-        print(json.dumps(loop._json_safe(result)))
+        print(json.dumps(json_safe(result)))
     else:
-        loop.print_table(result["sft"], result["final"], f"SFT vs round {result['step']} of {args.run_dir}")
+        print_table(result["sft"], result["final"], f"SFT vs round {result['step']} of {args.run_dir}")
     return 0
 
 
@@ -105,13 +107,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from selfplay import bench
+    from selfplay.config import load_bench_config
+    from selfplay.jobs import bench
 
     overrides = list(args.overrides)
-    cfg = load_config(args.config, [*bench.FULL_SWEEP, *overrides] if args.full else overrides)
+    cfg, bench_cfg = load_bench_config(args.config, [*bench.FULL_SWEEP, *overrides] if args.full else overrides)
     argv = ["selfplay", "bench", args.which, *(["--full"] if args.full else [])]
     argv += [*(["--config", args.config] if args.config else []), *overrides]
-    bench.write_record(bench.run(args.which, cfg, command=shlex.join(argv)), args.out)
+    bench.write_record(bench.run(args.which, cfg, bench_cfg, command=shlex.join(argv)), args.out)
     return 0
 
 

@@ -1,13 +1,15 @@
-"""The typed config tree (model, actor, critic, learner, world, pretrain, run, mesh, bench) and its strict loader.
+"""The typed config tree (model, actor, critic, learner, world, pretrain, monitor, run, mesh; bench apart), its strict
+loader (YAML files that may extend a `base:` file, plus dotted overrides) and every check of a config's values.
 
-YAML files plus dotted command-line overrides; unknown keys, wrong types and bad YAML are `ConfigError`s
-that name the culprit (dotted key, expected type, file and line).
+Unknown keys, wrong types, bad YAML and inconsistent values are `ConfigError`s naming the culprit (dotted key, expected
+type, file and line). Over 400 lines by design: one place holds every check, each section's and those across sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -28,6 +30,21 @@ class ConfigError(UserError):
 # ----------------------------------------------------------------------------------------------
 # The tree. Every field has a default so that a YAML file only states what differs.
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_ranges(
+    section: Any, prefix: str, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (), unit: tuple[str, ...] = ()
+) -> None:
+    """ConfigError naming the first field of `section` out of its range: > 0, >= 0, or in [0, 1]."""
+    for name in positive:
+        if not getattr(section, name) > 0:
+            raise ConfigError(f"{prefix}.{name} must be > 0, got {getattr(section, name)}")
+    for name in non_negative:
+        if not getattr(section, name) >= 0:
+            raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(section, name)}")
+    for name in unit:
+        if not 0.0 <= getattr(section, name) <= 1.0:
+            raise ConfigError(f"{prefix}.{name} must be in [0, 1], got {getattr(section, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +176,12 @@ class PretrainConfig:
     heldout_fraction: float = 0.05
     sample_essays: int = 32  # essays sampled and graded at the end
 
+    def validate(self, prefix: str) -> None:
+        _check_ranges(self, prefix, positive=("steps", "seq_len", "batch_size", "lr", "max_grad_norm", "eval_every"),
+                      non_negative=("warmup_steps", "weight_decay", "sample_essays"), unit=("min_lr_ratio",))
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"{prefix}.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CriticConfig:
@@ -207,6 +230,7 @@ class CriticConfig:
                 raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ConfigError(f"{prefix}.batch_size must be >= 1, got {self.batch_size}")
+        _check_ranges(self, prefix, positive=("lr", "max_grad_norm"), non_negative=("weight_decay", "margin", "centering_coef"))
         if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)) or self.seq_buckets[0] < 2:
             raise ConfigError(f"{prefix}.seq_buckets must be non-empty, strictly increasing and >= 2, got {list(self.seq_buckets)}")
         if self.seq_buckets[-1] > self.model.max_seq_len:
@@ -256,6 +280,25 @@ class LearnerConfig:
     vf_coef: float = 0.5
     adv_eps: float = 1e-6
 
+    def validate(self, prefix: str) -> None:
+        for name in ("epochs", "minibatches", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        _check_ranges(self, prefix, positive=("lr", "adv_eps", "value_clip"),
+                      non_negative=("warmup_steps", "weight_decay", "clip_eps_low", "clip_eps_high", "loss_agg_constant",
+                                    "kl_coef", "entropy_coef", "vf_coef"),
+                      unit=("gamma", "lam"))
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"{prefix}.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            raise ConfigError(f"{prefix}.kl_target and {prefix}.kl_horizon must be > 0 with {prefix}.adaptive_kl")
+        if self.ptx_coef < 0:
+            raise ConfigError(f"{prefix}.ptx_coef must be >= 0, got {self.ptx_coef}")
+        if self.ptx_coef > 0 and (self.ptx_batch < 1 or self.ptx_batch % self.minibatches):
+            raise ConfigError(
+                f"{prefix}.ptx_batch ({self.ptx_batch}) must be a positive multiple of {prefix}.minibatches ({self.minibatches})"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
@@ -294,6 +337,8 @@ class RunConfig:
         for name in ("rounds", "log_every", "checkpoint_every", "keep_checkpoints", "eval_prompts", "train_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"{prefix}.seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,14 +452,95 @@ class Config:
     monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
-    bench: BenchConfig = BenchConfig()
 
     def validate(self) -> "Config":
+        """Every section's own checks, then the checks across sections; returns self (also after dataclasses.replace)."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        check_actor_fits_model(self.actor, self.model)
+        check_critic_init(self.critic, self.model)
+        check_label_reserve(self)
+        check_batch_minibatches(self.actor, self.learner)
+        check_reward_source(self.run)
+        check_ptx_source(self.learner, self.run)
         return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks across sections: Config.validate runs them all; a factory given sections directly calls its own.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_actor_fits_model(actor: ActorConfig, model: ModelConfig) -> None:
+    """The longest prompt bucket plus the tokens the actor writes must fit the model's context."""
+    if max(actor.prompt_buckets) + actor.max_new_tokens > model.max_seq_len:
+        raise ConfigError(
+            f"actor.prompt_buckets max ({max(actor.prompt_buckets)}) + actor.max_new_tokens ({actor.max_new_tokens}) "
+            f"exceeds model.max_seq_len ({model.max_seq_len})"
+        )
+
+
+# The fields that fix a trunk's parameter shapes and dtype: critic.init_from_policy needs them equal.
+CRITIC_INIT_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "resolved_head_dim", "d_ff",
+                            "tie_embeddings", "attention_bias", "param_dtype")
+
+
+def check_critic_init(critic: CriticConfig, model: ModelConfig) -> None:
+    """critic.init_from_policy needs the trunk shaped exactly like the policy (`model`); the error lists every difference."""
+    if not critic.init_from_policy:
+        return
+    diff = [
+        f"critic.model.{f}={getattr(critic.model, f)!r} vs model.{f}={getattr(model, f)!r}"
+        for f in CRITIC_INIT_SHAPE_FIELDS
+        if getattr(critic.model, f) != getattr(model, f)
+    ]
+    if diff:
+        raise ConfigError(
+            "critic.init_from_policy=true needs critic.model shaped like the policy's model: " + "; ".join(diff)
+            + " (copy the policy's model section into critic.model, or set critic.init_from_policy=false)"
+        )
+
+
+def label_reserve(cfg: Config) -> int:
+    """Labels kept back for the critic refreshes of the whole run: critic.refresh_budget x (run.rounds //
+    critic.refresh_every), 0 without refreshes. `critic train` spends critic.label_budget minus this."""
+    c = cfg.critic
+    return c.refresh_budget * (cfg.run.rounds // c.refresh_every) if c.refresh_every else 0
+
+
+def check_label_reserve(cfg: Config) -> None:
+    """The refreshes' reserve must leave labels for the initial critic training (whatever critic.label_source)."""
+    c, reserve = cfg.critic, label_reserve(cfg)
+    if reserve and reserve >= c.label_budget:
+        raise ConfigError(
+            f"critic.label_budget ({c.label_budget}) leaves nothing for the initial training after the refreshes' reserve "
+            f"(critic.refresh_budget {c.refresh_budget} x run.rounds {cfg.run.rounds} // critic.refresh_every "
+            f"{c.refresh_every} = {reserve})"
+        )
+
+
+def check_batch_minibatches(actor: ActorConfig, learner: LearnerConfig) -> None:
+    """A round's rows (prompts x samples) split evenly into the learner's minibatches."""
+    rows = actor.prompts_per_round * actor.samples_per_prompt
+    if rows % learner.minibatches:
+        raise ConfigError(
+            f"actor.prompts_per_round x actor.samples_per_prompt ({rows}) "
+            f"must be divisible by learner.minibatches ({learner.minibatches})"
+        )
+
+
+def check_reward_source(run: RunConfig) -> None:
+    """The gold reward is the essay world's grader: a prompts file has none."""
+    if run.reward_source == "gold" and run.prompts_file:
+        raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file)")
+
+
+def check_ptx_source(learner: LearnerConfig, run: RunConfig) -> None:
+    """The pretraining-data term needs human examples: the world's corpus, which a prompts file replaces, or run.ptx_file."""
+    if learner.ptx_coef > 0 and run.prompts_file and not run.ptx_file:
+        raise ConfigError("learner.ptx_coef > 0 with run.prompts_file needs human examples: set run.ptx_file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,8 +548,24 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`)."""
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`) and refuses a key given twice in one
+    mapping (plain YAML keeps the last one silently, dropping a whole section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -443,6 +585,8 @@ _Loader.add_implicit_resolver(
 def _parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{source}:{e.second_line}: key '{e.key}' is given twice (first at line {e.first_line})") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -507,6 +651,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -570,28 +716,73 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+BASE_KEY = "base"  # top-level key of a config file: the file it extends (relative to the file that names it)
+BENCH_KEY = "bench"  # top-level section read by load_bench_config; load_config checks it and leaves it out
+
+
+def _read_file(p: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of config file `p` over its `base:` chain (each file's keys merged onto its base's, key by key).
+    `chain`: the files that led here, each naming the next as its base."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        if chain:
+            raise ConfigError(f"{chain[-1]}: cannot read its base config {p}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    loaded = _parse_yaml(text, str(p))
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level of a config must be a mapping of sections, got {type(loaded).__name__}")
+    if BASE_KEY not in loaded:
+        return loaded
+    loaded = dict(loaded)
+    base = loaded.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: {BASE_KEY} must be a string, the path of the config file this one extends, got {base!r}")
+    base_path = Path(base)
+    if not base_path.is_absolute():
+        base_path = p.parent / base_path
+    here = (*chain, p)
+    seen = [q.resolve() for q in here]
+    if base_path.resolve() in seen:
+        cycle = [*here[seen.index(base_path.resolve()):], base_path]
+        raise ConfigError(f"config {BASE_KEY} cycle: {' -> '.join(str(q) for q in cycle)}")
+    return _merge(_read_file(base_path, here), loaded)
+
+
+def _split_bench(data: dict) -> tuple[Config, BenchConfig]:
+    """(the validated Config of `data` without its bench section, the validated BenchConfig of that section)."""
+    data = dict(data)
+    bench = _coerce(data.pop(BENCH_KEY, {}), BenchConfig, BENCH_KEY)
+    cfg = _build(Config, data, "").validate()
+    bench.validate(BENCH_KEY)
+    return cfg, bench
+
+
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "").validate()
+    """The validated Config of a nested dict; a `bench` section is checked, then left out."""
+    return _split_bench(data)[0]
+
+
+def _load_tree(path: str | Path | None, overrides: list[str] | None) -> dict:
+    data: dict = {} if path is None else _read_file(Path(path))
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-        loaded = _parse_yaml(text, str(p))
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level of a config must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    if overrides:
-        data = _merge(data, parse_overrides(overrides))
-    return config_from_dict(data)
+    """Read a YAML config (or the defaults when `path` is None) over its `base:` chain and apply dotted overrides.
+    A `bench:` section (or bench.* override) is validated as a BenchConfig and left out: see `load_bench_config`."""
+    return config_from_dict(_load_tree(path, overrides))
+
+
+def load_bench_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[Config, BenchConfig]:
+    """Like `load_config`, plus the BenchConfig of the file's `bench:` section and the bench.* overrides."""
+    return _split_bench(_load_tree(path, overrides))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -20,20 +21,35 @@ if TYPE_CHECKING:
     from selfplay.tokenizer import Tokenizer
 
 
+T = TypeVar("T")
+
+
 class DataError(UserError):
     """A data file is malformed; the message starts with FILE:LINE."""
 
 
-def read_jsonl(path: str | Path, required: Mapping[str, type], optional: Mapping[str, type] | None = None) -> list[dict]:
-    """Every non-blank line of `path` ('-' = stdin) as a dict holding the `required` keys with the given types.
+def read_jsonl(
+    path: str | Path,
+    required: Mapping[str, type],
+    optional: Mapping[str, type] | None = None,
+    what: str = "records",
+    check: Callable[[dict], str | None] | None = None,
+) -> list[dict]:
+    """Every non-blank line of `path` ('-' = stdin) as a dict holding the `required` keys with the given types,
+    plus `_line`, its line number (from 1); `what` names the records in the error for a file without any.
 
-    Raises DataError `FILE:LINE: reason` for the first bad line: invalid JSON, not an object,
-    a missing key, or a value of the wrong type.
+    Raises DataError `FILE:LINE: reason` for the first bad line: invalid JSON, not an object, a missing key,
+    a value of the wrong type, or the reason `check(row)` gives (None: the row is good; it runs after the key
+    checks); `FILE: reason` for a file that cannot be read or has no lines.
     """
     optional = optional or {}
     name = "<stdin>" if str(path) == "-" else str(path)
     try:
         lines = sys.stdin.read().splitlines() if str(path) == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{name}: is a directory, expected a JSONL file") from None
     except OSError as e:
         raise DataError(f"{name}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -48,15 +64,19 @@ def read_jsonl(path: str | Path, required: Mapping[str, type], optional: Mapping
             raise DataError(f"{name}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{name}:{i}: expected a JSON object, got {type(obj).__name__}")
-        for key, tp in required.items():
+        for key in required:
             if key not in obj:
-                raise DataError(f"{name}:{i}: missing key '{key}' (need {', '.join(repr(k) for k in required)})")
+                need = ", ".join(repr(k) for k in required)
+                raise DataError(f"{name}:{i}: missing key '{key}' (need {need})")
         for key, tp in {**required, **optional}.items():
             if key in obj and not isinstance(obj[key], tp):
                 raise DataError(f"{name}:{i}: '{key}' must be a {tp.__name__}, got {type(obj[key]).__name__}")
+        reason = None if check is None else check(obj)
+        if reason is not None:
+            raise DataError(f"{name}:{i}: {reason}")
         rows.append(obj | {"_line": i})
     if not rows:
-        raise DataError(f"{name}: no records (an empty file)")
+        raise DataError(f"{name}: no {what} (an empty file)")
     return rows
 
 
@@ -151,3 +171,12 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[n
         order = rng.permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start : start + batch_size]
+
+
+def fixed_chunks(items: Sequence[T], size: int) -> Iterator[tuple[int, list[T], int]]:
+    """(chunk number, exactly `size` items, how many are real) over `items`: the last chunk is filled up by
+    repeating its last item, so a compiled function of one batch size serves every chunk."""
+    for c, start in enumerate(range(0, len(items), size)):
+        chunk = list(items[start : start + size])
+        real = len(chunk)
+        yield c, chunk + [chunk[-1]] * (size - real), real

@@ -91,19 +91,7 @@ def make_optimizer(cfg: LearnerConfig, total_steps: int | None = None) -> optax.
 
 
 def _check(cfg: LearnerConfig) -> None:
-    for name in ("epochs", "minibatches", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"learner.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_grad_norm <= 0:
-        raise ConfigError(f"learner.max_grad_norm must be > 0, got {cfg.max_grad_norm}")
-    if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon <= 0):
-        raise ConfigError("learner.kl_target and learner.kl_horizon must be > 0 with learner.adaptive_kl")
-    if cfg.ptx_coef < 0:
-        raise ConfigError(f"learner.ptx_coef must be >= 0, got {cfg.ptx_coef}")
-    if cfg.ptx_coef > 0 and (cfg.ptx_batch < 1 or cfg.ptx_batch % cfg.minibatches):
-        raise ConfigError(
-            f"learner.ptx_batch ({cfg.ptx_batch}) must be a positive multiple of learner.minibatches ({cfg.minibatches})"
-        )
+    cfg.validate("learner")
 
 
 def _in_hyperparams(path: tuple, _: Any) -> bool:

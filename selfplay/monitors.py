@@ -1,4 +1,5 @@
-"""Monitors: diversity (distinct-n, self-BLEU), and the alarms for over-optimisation, KL growth and collapse.
+"""Monitors: diversity (distinct-n, self-BLEU), rank statistics (Spearman), and the alarms for over-optimisation, KL
+growth and collapse.
 
 Host-side and cheap; they read decoded essays and per-round means, never the device state.
 """
@@ -149,3 +150,20 @@ class Monitor:
         fired = {a.name for a in alarms}
         scalars = {f"alarm/{name}": float(name in fired) for name in ("over_optimisation", "kl", "collapse")}
         return alarms, scalars
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, ties given their average rank (scipy.stats.rankdata's default)."""
+    x = np.asarray(x, np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg = ends - (counts - 1) / 2.0
+    return avg[inverse]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson of average ranks); nan when either side is constant or n < 2."""
+    rx, ry = rankdata(np.asarray(x)), rankdata(np.asarray(y))
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

@@ -1,6 +1,7 @@
 """Scale-out on JAX's own engine: the device mesh, logical->mesh axis rules, where every array lives, multi-host start-up.
 
 The rest of the package is sharding-agnostic; this module turns `mesh` config into NamedShardings and jitted steps.
+It is over 400 lines because every placement decision lives here, so no other module needs to know about meshes.
 
 Mesh. Three axes, ("data", "fsdp", "tensor"), sized by `mesh.data/fsdp/tensor` (one of them may be -1: the devices
 left over). "data" and "fsdp" both split the batch; "fsdp" also splits the weights (ZeRO-3 style: each device holds

@@ -1,22 +1,14 @@
-"""Pytrees that cross module borders (Rollout, PtxRows, Scores) and the Role enum.
+"""Pytrees that cross module borders: Rollout, PtxRows, Scores.
 
 Names carry their shapes: b batch, l buffer length (prompt bucket P + max_new_tokens).
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-
-class Role(enum.Enum):
-    ACTOR = "actor"
-    REFERENCE = "reference"
-    CRITIC = "critic"
-    VALUE = "value"
 
 
 class Rollout(NamedTuple):

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfplay import actor, bench
+from selfplay import actor, perf
 from selfplay.cli import main
 from selfplay.config import load_config
+from selfplay.jobs import bench
 from selfplay.models import transformer
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -58,18 +59,18 @@ def test_flop_count_by_hand():
     cfg = load_config(None, ["model.vocab_size=100", "model.d_model=8", "model.n_layers=2", "model.n_heads=2",
                              "model.n_kv_heads=1", "model.d_ff=16"]).model
     # per layer: q 8*2*4, k and v 8*1*4 each, o 2*4*8, MLP 3*8*16; LM head 8*100
-    assert bench.matmul_params(cfg) == 2 * (64 + 64 + 64 + 384) + 800
+    assert perf.matmul_params(cfg) == 2 * (64 + 64 + 64 + 384) + 800
     # 3 tokens attending to 2 keys each: 2 FLOPs per weight, 4 * heads * head_dim per (query, key) per layer
-    assert bench.forward_flops(cfg, 3, 2) == 3 * (2 * 1952 + 4 * 2 * 2 * 4 * 2)
-    w = bench.sample_work(cfg, n_prompts=1, batch=2, prompt_len=4, new_tokens=3)
-    assert w.flops == bench.forward_flops(cfg, 4, 2.5)
-    assert w.stream_flops == bench.forward_flops(cfg, 2 * 2, 5.5)  # steps at contexts 5 and 6
+    assert perf.forward_flops(cfg, 3, 2) == 3 * (2 * 1952 + 4 * 2 * 2 * 4 * 2)
+    w = perf.sample_work(cfg, n_prompts=1, batch=2, prompt_len=4, new_tokens=3)
+    assert w.flops == perf.forward_flops(cfg, 4, 2.5)
+    assert w.stream_flops == perf.forward_flops(cfg, 2 * 2, 5.5)  # steps at contexts 5 and 6
 
 
 def test_compile_watch_sees_a_recompilation():
     f = jax.jit(lambda x: x * 2)
     xs = [jnp.ones(1)] * 3 + [jnp.ones(2)]  # the last timed call sees a new shape
-    timed = bench.time_calls(lambda i: f(xs[i]), warmup=1, iterations=2)
+    timed = perf.time_calls(lambda i: f(xs[i]), warmup=1, iterations=2)
     assert (timed.compilations, timed.traces) == (1, 1)
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfplay.checkpoint import CheckpointError, Checkpointer, restore_latest, save_once, tree_is_finite
+from selfplay.checkpoint import CheckpointError, Checkpointer, has_checkpoint, restore_latest, save_once, tree_is_finite
 
 
 def _state(s: int) -> dict:
@@ -86,3 +86,15 @@ def test_flatten_round_trip_of_namedtuples_and_nnx_state(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, tree)
     with pytest.raises(CheckpointError, match="lacks"):
         unflatten_like(abstract, {})
+
+
+def test_has_checkpoint_needs_a_complete_step(tmp_path):
+    assert not has_checkpoint(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()  # asking does not create the directory
+    (tmp_path / "empty").mkdir()
+    assert not has_checkpoint(tmp_path / "empty")
+    (tmp_path / "partial" / "5.orbax-checkpoint-tmp-123").mkdir(parents=True)  # an interrupted save
+    assert not has_checkpoint(tmp_path / "partial")
+    save_once(tmp_path / "one", _state(2), step=2)
+    assert has_checkpoint(tmp_path / "one")
+    assert has_checkpoint(str(tmp_path / "one"))

@@ -17,7 +17,7 @@ from selfplay.data import DataError
 from selfplay.policy import load_policy
 from selfplay.tokenizer import Tokenizer
 from selfplay.types import Rollout
-from selfplay.world.essays import World
+from selfplay.world import World
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CLEAN = FlawRates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -209,8 +209,8 @@ def test_init_from_policy(tiny_run, tokenizer):
     critic = C.init_critic(cfg, tokenizer, policy_params=policy.params, policy_model=policy.cfg.model)
     for m in range(2):
         np.testing.assert_array_equal(critic.state.params["trunk"]["embed"][...][m], policy.params["embed"][...])
-    bad = tiny_cfg("critic.init_from_policy=true", "critic.model.d_model=64", "critic.model.d_ff=32")
     with pytest.raises(ConfigError, match="critic.init_from_policy=true needs critic.model shaped like") as e:
+        bad = tiny_cfg("critic.init_from_policy=true", "critic.model.d_model=64", "critic.model.d_ff=32")
         C.init_critic(bad, tokenizer, policy_params=policy.params, policy_model=policy.cfg.model)
     assert "critic.model.d_model=64 vs model.d_model=32" in str(e.value) and "critic.model.d_ff=32 vs model.d_ff=64" in str(e.value)
 

@@ -6,7 +6,7 @@ import pytest
 from selfplay.config import UserError, WorldConfig
 from selfplay.data import DataError, ExampleStream, PromptStream, minibatches, read_examples, read_jsonl, read_prompts
 from selfplay.tokenizer import Tokenizer
-from selfplay.world.essays import World
+from selfplay.world import World
 
 
 def test_read_prompts_and_line_numbers(tmp_path):

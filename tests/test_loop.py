@@ -14,8 +14,12 @@ import pytest
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from selfplay import checkpoint, loop
+from selfplay import checkpoint
 from selfplay.cli import main
+from selfplay.config import ConfigError
+from selfplay.run.evaluate import EVAL_FILE, SFT_EVAL_FILE
+from selfplay.run.setup import CHECKPOINT_DIR
+from selfplay.run.train import TB_DIR, train
 from selfplay.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +32,12 @@ NOT_REPRODUCIBLE = ("timing/", "perf/")
 def prepared(tmp_path_factory):
     """A run directory with the SFT policy, the initial critic and the SFT eval: what every test copies."""
     run = tmp_path_factory.mktemp("loop") / "base"
-    out = loop.train(run, TINY, ["run.rounds=1"], progress=False, console=Console(quiet=True))
+    out = train(run, TINY, ["run.rounds=1"], progress=False, console=Console(quiet=True))
     assert out["rounds"] == 1
-    shutil.rmtree(run / loop.CHECKPOINT_DIR)
-    shutil.rmtree(run / loop.TB_DIR)
+    shutil.rmtree(run / CHECKPOINT_DIR)
+    for f in (run / TB_DIR).iterdir():  # the rounds' logs go; the SFT and critic curves (subdirectories) stay
+        if f.is_file():
+            f.unlink()
     return run
 
 
@@ -42,7 +48,7 @@ def _copy(prepared, tmp_path, name):
 
 
 def _rows(run):
-    return read_jsonl(run / loop.TB_DIR / "metrics.jsonl")
+    return read_jsonl(run / TB_DIR / "metrics.jsonl")
 
 
 def _reproducible(row):
@@ -50,7 +56,7 @@ def _reproducible(row):
 
 
 def _final_flat(run):
-    with checkpoint.Checkpointer(run / loop.CHECKPOINT_DIR, read_only=True) as ck:
+    with checkpoint.Checkpointer(run / CHECKPOINT_DIR, read_only=True) as ck:
         flat, meta = ck.restore(ck.latest_step())
     return flat, meta
 
@@ -59,11 +65,11 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     quiet = Console(quiet=True)
     ptx = ["learner.ptx_coef=0.5", "learner.ptx_batch=4"]  # the human-example stream must resume where it was too
     straight = _copy(prepared, tmp_path, "straight")
-    loop.train(straight, None, ["run.rounds=4", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)
+    train(straight, None, ["run.rounds=4", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)
 
     split = _copy(prepared, tmp_path, "split")
-    loop.train(split, None, ["run.rounds=2", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)  # round 2 refreshes
-    loop.train(split, None, ["run.rounds=4", "run.checkpoint_every=2"], progress=False, console=quiet)
+    train(split, None, ["run.rounds=2", "run.checkpoint_every=2", *ptx], progress=False, console=quiet)  # round 2 refreshes
+    train(split, None, ["run.rounds=4", "run.checkpoint_every=2"], progress=False, console=quiet)
 
     a, b = _rows(straight), _rows(split)
     assert [r["step"] for r in a] == [1, 2, 3, 4]
@@ -72,8 +78,8 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     assert all(r["loss/ptx"] > 0 for r in a)
     for ra, rb in zip(a, b):
         assert _reproducible(ra) == _reproducible(rb)
-    table = json.loads((straight / loop.EVAL_FILE).read_text())
-    first = json.loads((straight / loop.SFT_EVAL_FILE).read_text())  # the SFT policy as the initial critic saw it
+    table = json.loads((straight / EVAL_FILE).read_text())
+    first = json.loads((straight / SFT_EVAL_FILE).read_text())  # the SFT policy as the initial critic saw it
     assert table["sft"]["gold/score"] == first["gold/score"]
     assert table["sft"]["reward/raw_mean"] != first["reward/raw_mean"], "the refreshed critic must re-score the SFT column"
     fa, ma = _final_flat(straight)
@@ -87,12 +93,14 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
 def test_rerun_at_the_final_round_runs_nothing_and_eval_repeats_the_table(prepared, tmp_path, capsys):
     run = _copy(prepared, tmp_path, "final")
     quiet = Console(quiet=True)
-    loop.train(run, None, ["run.rounds=2"], progress=False, console=quiet)
+    train(run, None, ["run.rounds=2"], progress=False, console=quiet)
+    first = json.loads((run / EVAL_FILE).read_text())
     console = Console(record=True, width=200)
-    loop.train(run, None, ["run.rounds=2"], progress=False, console=console)
+    train(run, None, ["run.rounds=2"], progress=False, console=console)
     assert "already run 2 of run.rounds=2" in console.export_text()
     assert [r["step"] for r in _rows(run)] == [1, 2]
-    table = json.loads((run / loop.EVAL_FILE).read_text())
+    table = json.loads((run / EVAL_FILE).read_text())
+    assert table["last_round"] == first["last_round"] and "gold/score" in table["last_round"]  # kept, not {}
     capsys.readouterr()
     assert main(["eval", "--run-dir", str(run), "--json", "mesh.fsdp=1"]) == 0  # mesh.* overrides are accepted
     again = json.loads(capsys.readouterr().out)
@@ -106,15 +114,34 @@ def test_rerun_at_the_final_round_runs_nothing_and_eval_repeats_the_table(prepar
 
 def test_changing_what_a_run_computes_is_refused(prepared, tmp_path, capsys):
     run = _copy(prepared, tmp_path, "refuse")
-    loop.train(run, None, ["run.rounds=1"], progress=False, console=Console(quiet=True))
+    train(run, None, ["run.rounds=1"], progress=False, console=Console(quiet=True))
     assert main(["train", "--run-dir", str(run), "--no-progress", "learner.lr=0.5"]) == 2
     assert "differs from the given config in: learner.lr" in capsys.readouterr().err
 
 
+def test_tensorboard_shows_the_sft_and_critic_curves(prepared):
+    sft_report = json.loads((prepared / "sft_report.json").read_text())
+    curves = {}
+    for sub in ("sft", "critic"):
+        acc = EventAccumulator(str(prepared / TB_DIR / sub), size_guidance={"scalars": 0})
+        acc.Reload()
+        curves[sub] = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    sft = curves["sft"]
+    assert {"sft/loss", "sft/perplexity", "sft/lr", "sft/grad_norm"} <= sft.keys()
+    assert [s for s, _ in sft["sft/loss"]] == [r["step"] for r in sft_report["history"]]
+    assert sft["sft/perplexity"][0] == (0, pytest.approx(sft_report["heldout_ppl_initial"], rel=1e-6))
+    assert sft["sft/perplexity"][-1][1] == pytest.approx(sft_report["heldout_ppl"], rel=1e-6)
+    critic_report = json.loads((prepared / "critic_report.json").read_text())
+    critic = curves["critic"]
+    assert [s for s, _ in critic["loss/critic"]] == [r["step"] for r in critic_report["history"]]
+    assert critic["critic/train_accuracy"][-1][1] == pytest.approx(critic_report["train_accuracy"], rel=1e-6)
+    assert critic["critic/heldout_accuracy"] == [(critic_report["steps"], pytest.approx(critic_report["heldout_accuracy"], rel=1e-6))]
+
+
 def test_tensorboard_has_the_documented_tags(prepared, tmp_path):
     run = _copy(prepared, tmp_path, "tb")
-    loop.train(run, None, ["run.rounds=2"], progress=False, console=Console(quiet=True))
-    acc = EventAccumulator(str(run / loop.TB_DIR), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    train(run, None, ["run.rounds=2"], progress=False, console=Console(quiet=True))
+    acc = EventAccumulator(str(run / TB_DIR), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     expected = {
@@ -139,7 +166,7 @@ def test_a_partial_save_is_ignored_and_a_killed_run_resumes(prepared, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "selfplay.cli", "train", "--run-dir", str(run), "--no-progress", "run.rounds=8", "run.checkpoint_every=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    ckdir = run / loop.CHECKPOINT_DIR
+    ckdir = run / CHECKPOINT_DIR
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -162,12 +189,13 @@ def test_a_partial_save_is_ignored_and_a_killed_run_resumes(prepared, tmp_path):
     (partial / "commit_success.txt").unlink(missing_ok=True)
 
     console = Console(record=True, width=200)
-    loop.train(run, None, ["run.rounds=8", "run.checkpoint_every=1"], progress=False, console=console)
+    train(run, None, ["run.rounds=8", "run.checkpoint_every=1"], progress=False, console=console)
     assert f"after round {latest}" in console.export_text()
-    steps = [r["step"] for r in _rows(run)]
-    assert steps[-1] == 8
-    # Rounds after the last complete checkpoint are logged twice (once before the kill); every round is there.
-    assert sorted(set(steps)) == list(range(1, 9))
+    # Rounds after the last complete checkpoint ran before the kill and again after it: each is logged once.
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
+    acc = EventAccumulator(str(run / TB_DIR), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == list(range(1, 9))
     _, meta = _final_flat(run)
     assert meta["round"] == 8
     assert not partial.exists(), "the partial save must be cleaned up"
@@ -177,7 +205,7 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
     """No world at all: the policy of the run directory, prompts and preference pairs and human examples from JSONL
     files (the shapes TRL uses). The loop trains the critic on the file's pairs, runs its rounds on those prompts
     with the pretraining-data term on those examples, and reports no gold figures (there is no gold grader)."""
-    from selfplay.world.essays import World
+    from selfplay.world import World
     from selfplay.config import load_config
 
     run = tmp_path / "own"
@@ -191,7 +219,7 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
     (tmp_path / "human.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": e}) + "\n" for p, e in corpus))
     pairs = [{"prompt": p, "chosen": e, "rejected": e.split(". ")[0] + "."} for p, e in corpus]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    out = loop.train(
+    out = train(
         run, TINY,
         [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", f"run.pairs_file={tmp_path / 'pairs.jsonl'}",
          f"run.ptx_file={tmp_path / 'human.jsonl'}", "critic.label_source=file", "critic.refresh_every=0",
@@ -208,6 +236,6 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
 
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("checkpoints", "tb", "config.yaml", "eval*.json"))
-    with pytest.raises(loop.ConfigError, match="needs human examples: set run.ptx_file"):
-        loop.train(bare, TINY, [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", "critic.label_source=file",
+    with pytest.raises(ConfigError, match="needs human examples: set run.ptx_file"):
+        train(bare, TINY, [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", "critic.label_source=file",
                                 "critic.refresh_every=0", "learner.ptx_coef=0.5"], progress=False, console=Console(quiet=True))

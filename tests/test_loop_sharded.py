@@ -22,9 +22,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from rich.console import Console
 
-from selfplay import checkpoint, loop
-from selfplay.critic_cli import train_critic
-from selfplay.sft import pretrain
+from selfplay import checkpoint
+from selfplay.jobs.critic import train_critic
+from selfplay.jobs.sft import pretrain
+from selfplay.run.setup import CHECKPOINT_DIR, resolve_config
+from selfplay.run.state import RunState
+from selfplay.run.train import TB_DIR, train
 from selfplay.tracking import read_jsonl
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -43,7 +46,7 @@ QUIET = Console(quiet=True)
 def prepared(tmp_path_factory):
     """A run directory holding the SFT policy and the initial critic (single-device jobs)."""
     run = tmp_path_factory.mktemp("sharded") / "base"
-    cfg = loop.resolve_config(run, TINY, OVERRIDES)
+    cfg = resolve_config(run, TINY, OVERRIDES)
     pretrain(cfg, run, progress=False, log=QUIET.print)
     train_critic(cfg, run, progress=False, log=QUIET.print)
     return run
@@ -51,7 +54,7 @@ def prepared(tmp_path_factory):
 
 def _train(prepared, dst, mesh, devices=None):
     shutil.copytree(prepared, dst)
-    return loop.train(dst, None, OVERRIDES + mesh, progress=False, console=QUIET, devices=devices)
+    return train(dst, None, OVERRIDES + mesh, progress=False, console=QUIET, devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +68,26 @@ def sharded(prepared):
     """The (2, 2, 2) run, with the state it checkpoints at each round (as it was on the devices)."""
     run = prepared.parent / "sharded"
     saved = {}
-    original = loop.save_round
+    original = RunState.save
 
-    def spy(ckpt, rnd, state, critic, key, meta, metrics):
-        saved[rnd] = (state, critic.state)
-        original(ckpt, rnd, state, critic, key, meta, metrics)
+    def spy(self, ckpt, metrics=None):
+        saved[self.round] = (self.learner, self.critic.state)
+        original(self, ckpt, metrics)
 
-    loop.save_round = spy
+    RunState.save = spy
     try:
         result = _train(prepared, run, MESH_222)
     finally:
-        loop.save_round = original
+        RunState.save = original
     return run, result, saved
 
 
 def _rows(run):
-    return read_jsonl(run / loop.TB_DIR / "metrics.jsonl")
+    return read_jsonl(run / TB_DIR / "metrics.jsonl")
 
 
 def _checkpoint(run):
-    with checkpoint.Checkpointer(run / loop.CHECKPOINT_DIR, read_only=True) as ck:
+    with checkpoint.Checkpointer(run / CHECKPOINT_DIR, read_only=True) as ck:
         flat, meta = ck.restore(ck.latest_step())
     return {k: np.asarray(v) for k, v in flat.items()}, meta
 
@@ -150,9 +153,9 @@ def test_a_checkpoint_written_on_2x2x2_resumes_on_8x1x1(single, sharded):
     (one_run, _), (run, _, _) = single, sharded
     resumed = run.parent / "resumed"
     shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / loop.CHECKPOINT_DIR / "2")  # as if the (2, 2, 2) run had stopped after round 1
+    shutil.rmtree(resumed / CHECKPOINT_DIR / "2")  # as if the (2, 2, 2) run had stopped after round 1
     console = Console(record=True, width=200)
-    loop.train(resumed, None, OVERRIDES + MESH_811, progress=False, console=console)
+    train(resumed, None, OVERRIDES + MESH_811, progress=False, console=console)
     assert "after round 1" in console.export_text()
     assert_metrics_close(_rows(resumed)[-1], _rows(one_run)[1], "resumed round 2")
     (got_state, got_meta), (want_state, want_meta) = _checkpoint(resumed), _checkpoint(one_run)

@@ -26,10 +26,13 @@ import pytest
 from rich.console import Console
 
 import multiprocess_worker as case
-from selfplay import checkpoint, learner, loop
-from selfplay.critic_cli import train_critic
+from selfplay import checkpoint, learner
+from selfplay.jobs.critic import train_critic
+from selfplay.jobs.sft import pretrain
 from selfplay.models import transformer
-from selfplay.sft import pretrain
+from selfplay.run.evaluate import EVAL_FILE
+from selfplay.run.setup import CHECKPOINT_DIR, resolve_config
+from selfplay.run.train import TB_DIR, train
 from test_loop_sharded import TINY, _checkpoint, _rows, assert_meta_close, assert_metrics_close, assert_state_close
 
 TOL = 1e-5
@@ -125,14 +128,14 @@ TRAIN = ["run.checkpoint_every=1", *MESH]  # critic.refresh_every=2 (tiny): roun
 
 def _tensorboard_writers(run: Path) -> set[int]:
     """The process ids in the names of the event files (events.out.tfevents.<time>.<host>.<pid>.<n>)."""
-    return {int(f.name.split(".")[-2]) for f in (run / loop.TB_DIR).glob("events.out.tfevents.*")}
+    return {int(f.name.split(".")[-2]) for f in (run / TB_DIR).glob("events.out.tfevents.*")}
 
 
 @pytest.mark.slow  # 85-100 s on 2 busy cores: SFT and critic here, three two-process launches, one reference run
 def test_selfplay_train_on_two_processes_equals_one_process_resumes_and_evaluates(tmp_path):
     quiet = Console(quiet=True)
     base = tmp_path / "base"
-    cfg = loop.resolve_config(base, TINY, PREPARE)
+    cfg = resolve_config(base, TINY, PREPARE)
     pretrain(cfg, base, progress=False, log=quiet.print)
     train_critic(cfg, base, progress=False, log=quiet.print)
     two, one = tmp_path / "two", tmp_path / "one"
@@ -142,7 +145,7 @@ def test_selfplay_train_on_two_processes_equals_one_process_resumes_and_evaluate
 
     procs, logs = launch([*selfplay, "train", "--run-dir", str(two), "--no-progress", "run.rounds=2", *TRAIN], tmp_path, "train")
     # The reference while they run: one process, 4 of its devices in the same mesh, 3 rounds straight.
-    loop.train(one, None, ["run.rounds=3", *TRAIN], progress=False, console=quiet, devices=jax.devices()[:4])
+    train(one, None, ["run.rounds=3", *TRAIN], progress=False, console=quiet, devices=jax.devices()[:4])
     out = finish(procs, logs)
     assert "round 2/2" in out[0] and "round 1/2" not in out[1], "only process 0 writes the console"
     writers = {procs[0].pid}
@@ -164,14 +167,14 @@ def test_selfplay_train_on_two_processes_equals_one_process_resumes_and_evaluate
     # A checkpoint written by several processes restores only onto a target: here, whole arrays on one device.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in want_state.items()}
-    with checkpoint.Checkpointer(two / loop.CHECKPOINT_DIR, read_only=True) as ck:
+    with checkpoint.Checkpointer(two / CHECKPOINT_DIR, read_only=True) as ck:
         got_state, got_meta = ck.restore(ck.latest_step(), target)
     got_state = {k: np.asarray(v) for k, v in got_state.items()}
     assert_state_close(got_state, want_state)
     assert_meta_close(got_meta, want_meta)
-    trained = json.loads((two / loop.EVAL_FILE).read_text())
+    trained = json.loads((two / EVAL_FILE).read_text())
     for part in ("sft", "final"):
-        assert_metrics_close(trained[part], json.loads((one / loop.EVAL_FILE).read_text())[part], part)
+        assert_metrics_close(trained[part], json.loads((one / EVAL_FILE).read_text())[part], part)
 
     # `selfplay eval` restores the checkpoint onto the two processes' mesh: the table of the params trained in memory.
     procs, logs = launch([*selfplay, "eval", "--run-dir", str(two), "--json"], tmp_path, "eval")

@@ -1,6 +1,7 @@
 """SFT pretraining on the tiny config lowers held-out perplexity and leaves a usable run directory."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def test_generate_errors_are_user_errors(tiny_run, tmp_path, capsys):
     assert f"{bad}:2: missing key 'prompt'" in capsys.readouterr().err
     assert main(["generate", "--run-dir", str(tiny_run), "actor.temprature=0.5"]) == 2
     assert "did you mean 'actor.temperature'" in capsys.readouterr().err
+
+
+def test_pretrain_refuses_a_run_directory_that_has_a_policy(tiny_run, capsys):
+    before = sorted(p.name for p in (tiny_run / "policy").iterdir())
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(tiny_run), "--no-progress"]) == 2
+    assert "already holds a policy" in capsys.readouterr().err
+    assert sorted(p.name for p in (tiny_run / "policy").iterdir()) == before
+
+
+def test_a_policy_whose_save_was_killed_is_written_again(tiny_run, tmp_path, capsys):
+    # What a kill between the params and tokenizer.json used to leave: policy/ complete, no tokenizer, no config.
+    run = tmp_path / "killed"
+    shutil.copytree(tiny_run, run)
+    (run / "tokenizer.json").unlink()
+    (run / "config.yaml").unlink()
+    assert not has_policy(run)
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run), "--no-progress"]) == 0
+    assert "removed the incomplete policy" in capsys.readouterr().out
+    assert has_policy(run) and (run / "config.yaml").is_file()
+    load_policy(run)

@@ -10,7 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from selfplay.config import UserError, WorldConfig
 from selfplay.tokenizer import BOS, EOS, PAD, SEP, Tokenizer
-from selfplay.world.essays import World
+from selfplay.world import World
 
 
 @pytest.fixture(scope="module")

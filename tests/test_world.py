@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from selfplay.config import FlawRates, WorldConfig
-from selfplay.world import essays as E
-from selfplay.world.essays import (
+from selfplay.world import (
     A_KIND,
     ATTRIBUTES,
     BEST,
@@ -26,7 +25,10 @@ from selfplay.world.essays import (
     NotAWorldPrompt,
     Prompt,
     World,
+    grader,
+    grammar,
 )
+from selfplay.world import world as world_module
 
 NO_FLAWS = FlawRates(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -36,7 +38,7 @@ def world() -> World:
     return World.from_config(WorldConfig())
 
 
-def _slot_pool(world: World, t: E.Template, slot: str) -> list[str]:
+def _slot_pool(world: World, t: grammar.Template, slot: str) -> list[str]:
     if slot == "name":
         return list(world.names_by_kind[t.kind]) if t.kind else [e.name for e in world.entities]
     if slot == "value":
@@ -51,11 +53,11 @@ def _prompt(world: World, rng: np.random.Generator, n_facts: int | None) -> Prom
     ent = world.entities[int(rng.integers(len(world.entities)))]
     if n_facts is None:
         return Prompt(ent.name, ent.kind)
-    idx = sorted(rng.choice(E.ATTRIBUTES_PER_KIND, n_facts, replace=False).tolist())
+    idx = sorted(rng.choice(grammar.ATTRIBUTES_PER_KIND, n_facts, replace=False).tolist())
     return Prompt(ent.name, ent.kind, tuple((a.name, ent.facts[a.name]) for a in (SCHEMA[ent.kind][i] for i in idx)))
 
 
-def _off_best(s: E.GoldScores) -> set[str]:
+def _off_best(s: grader.GoldScores) -> set[str]:
     return {k for k, best in BEST.items() if k != "score" and getattr(s, k) != best}
 
 
@@ -69,7 +71,7 @@ def test_fact_base_is_complete_and_names_are_unique(world: World):
     assert len(set(names)) == len(names)
     for e in world.entities:
         assert re.fullmatch(r"[A-Z][a-z]{3,9}", e.name), e.name
-        assert e.name.lower() not in E._RESERVED
+        assert e.name.lower() not in world_module._RESERVED
         assert list(e.facts) == [a.name for a in SCHEMA[e.kind]]
         for a in SCHEMA[e.kind]:
             assert e.facts[a.name] in world._domains[(e.kind, a.name)]
@@ -126,8 +128,8 @@ def test_grammar_invariants():
         for v in a.values:
             assert "." not in v and ";" not in v
     for k in KINDS:
-        assert len(E._ELABORATIONS[k]) >= 3
-    assert len(E._INTROS) >= 3 and len(E._CONCLUSIONS) >= 3
+        assert len(grammar.ELABORATIONS[k]) >= 3
+    assert len(grammar.INTROS) >= 3 and len(grammar.CONCLUSIONS) >= 3
 
 
 def test_shortest_perfect_essay_is_inside_the_length_band():
@@ -135,13 +137,13 @@ def test_shortest_perfect_essay_is_inside_the_length_band():
         # {name} is one word; {a_kind} two; {kind} one; {value} as given.
         return len(template.replace("{a_kind}", "a x").split()) + (value_words - 1 if "{value}" in template else 0)
 
-    intro = min(words(t, 0) for t in E.INTRO_TEMPLATES)
-    concl = min(words(t, 0) for t in E.CONCLUSION_TEMPLATES)
+    intro = min(words(t, 0) for t in grammar.INTRO_TEMPLATES)
+    concl = min(words(t, 0) for t in grammar.CONCLUSION_TEMPLATES)
     for k in KINDS:
         per_attr = sorted(
             min(words(t, min(len(v.split()) for v in (a.values or ("1",)))) for t in a.templates) for a in SCHEMA[k]
         )
-        assert intro + per_attr[0] + per_attr[1] + concl >= E.MIN_WORDS
+        assert intro + per_attr[0] + per_attr[1] + concl >= grader.MIN_WORDS
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_prompt_example_and_sheet_phrases(world: World):
         for a in SCHEMA[k]:
             for v in world._domains[(k, a.name)][:40]:
                 phrase = a.sheet.format(value=v)
-                assert [b.name for b, rx in E._SHEET_RES[k] if rx.fullmatch(phrase)] == [a.name]
+                assert [b.name for b, rx in world_module._SHEET_RES[k] if rx.fullmatch(phrase)] == [a.name]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +214,9 @@ def test_non_world_prompts_are_rejected(world: World, make):
 def test_perfect_essays_get_the_documented_maximum(world: World):
     rng = np.random.default_rng(2)
     assert math.isclose(
-        E.W_COVERAGE + E.W_HALLUCINATION + E.W_REPETITION + E.W_RELEVANCE + E.W_STRUCTURE + E.W_FLUENCY + E.W_LENGTH, 1.0
+        grader.W_COVERAGE + grader.W_HALLUCINATION + grader.W_REPETITION + grader.W_RELEVANCE
+        + grader.W_STRUCTURE + grader.W_FLUENCY + grader.W_LENGTH,
+        1.0,
     )
     for n_facts in (None, 2, 3, 4, 5):
         for _ in range(150):
@@ -262,7 +266,7 @@ def _inject(world: World, p: Prompt, sents: list[str], flaw: str, rng: np.random
         s.insert(int(rng.integers(i + 1, len(s))), s[i])
     elif flaw == "restate":  # the same fact again, said with another template
         t, slots = world.parse_sentence(s[facts[0]])
-        other = [u for u in E._FACT_TEMPLATES[(p.kind, t.attr)] if u is not t][0]
+        other = [u for u in grammar.FACT_TEMPLATES[(p.kind, t.attr)] if u is not t][0]
         s.insert(-1, other.render(**slots))
     elif flaw == "off_topic":
         other = next(e for e in world.entities if e.name != p.topic)
@@ -270,7 +274,7 @@ def _inject(world: World, p: Prompt, sents: list[str], flaw: str, rng: np.random
         s.insert(int(rng.integers(1, len(s))), world.fact_sentence(other.name, other.kind, a, other.facts[a], rng))
     elif flaw == "foreign_elaboration":
         other_kind = KINDS[(KINDS.index(p.kind) + 1) % len(KINDS)]
-        s.insert(1, E._ELABORATIONS[other_kind][0].render(name=p.topic))
+        s.insert(1, grammar.ELABORATIONS[other_kind][0].render(name=p.topic))
     elif flaw == "no_conclusion":
         del s[-1]
     elif flaw == "no_intro":
@@ -309,7 +313,7 @@ def test_each_flaw_moves_exactly_its_own_subscores(world: World, flaw: str, mode
     for _ in range(40):
         # A 4-fact sheet leaves one attribute free for an unsupported claim; closed-book asks all 5.
         p = _prompt(world, rng, 4 if mode == "grounded" else None)
-        sents = E.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+        sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
         bad = _inject(world, p, sents, flaw, rng)
         s = world.grade(p.text, " ".join(bad))
         assert _off_best(s) == allowed, (flaw, bad, s)
@@ -323,13 +327,13 @@ def test_each_flaw_moves_exactly_its_own_subscores(world: World, flaw: str, mode
 def test_too_long_lowers_length_only(world: World):
     rng = np.random.default_rng(5)
     p = _prompt(world, rng, None)
-    sents = E.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+    sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
     # Every other introduction, elaboration and conclusion once: on topic, distinct, and over the band.
     extra = [t.render(name=p.topic, a_kind=A_KIND[p.kind], kind=p.kind)
-             for t in E._INTROS + E._ELABORATIONS[p.kind] + E._CONCLUSIONS]
+             for t in grammar.INTROS + grammar.ELABORATIONS[p.kind] + grammar.CONCLUSIONS]
     extra = [x for x in extra if x not in sents]
     s = world.grade(p.text, " ".join(sents[:1] + extra + sents[1:]))
-    assert s.n_words > E.MAX_WORDS
+    assert s.n_words > grader.MAX_WORDS
     assert _off_best(s) == {"length"} and 0.0 < s.score < 1.0
 
 
@@ -337,9 +341,9 @@ def test_introduction_or_conclusion_of_another_kind_is_not_structure(world: Worl
     rng = np.random.default_rng(12)
     p = _prompt(world, rng, 3)
     other = KINDS[(KINDS.index(p.kind) + 1) % len(KINDS)]
-    sents = E.split_sentences(world.human_essay(p, rng, NO_FLAWS))
-    wrong_intro = [E._INTROS[0].render(name=p.topic, a_kind=A_KIND[other])] + sents[1:]
-    wrong_concl = sents[:-1] + [E._CONCLUSIONS[2].render(name=p.topic, kind=other)]
+    sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+    wrong_intro = [grammar.INTROS[0].render(name=p.topic, a_kind=A_KIND[other])] + sents[1:]
+    wrong_concl = sents[:-1] + [grammar.CONCLUSIONS[2].render(name=p.topic, kind=other)]
     for bad, flag in ((wrong_intro, "has_intro"), (wrong_concl, "has_conclusion")):
         s = world.grade(p.text, " ".join(bad))
         assert getattr(s, flag) == 0 and s.structure == 0.5
@@ -353,13 +357,13 @@ def test_contradicting_and_unsupported_are_reported_separately(world: World):
     (a0, v0), (a1, v1), (a2, v2) = p.sheet
     free = [a.name for a in SCHEMA[p.kind] if a.name not in dict(p.sheet)]
     essay = " ".join([
-        E._INTROS[0].render(name=p.topic, a_kind=A_KIND[p.kind]),
+        grammar.INTROS[0].render(name=p.topic, a_kind=A_KIND[p.kind]),
         world.fact_sentence(p.topic, p.kind, a0, v0, rng),
         world.fact_sentence(p.topic, p.kind, a1, world._other_value(p.kind, a1, v1, rng), rng),
         world.fact_sentence(p.topic, p.kind, a2, v2, rng),
         world.fact_sentence(p.topic, p.kind, free[0], ent.facts[free[0]], rng),
         world.fact_sentence(p.topic, p.kind, free[1], world._other_value(p.kind, free[1], ent.facts[free[1]], rng), rng),
-        E._CONCLUSIONS[0].render(name=p.topic),
+        grammar.CONCLUSIONS[0].render(name=p.topic),
     ])
     s = world.grade(p.text, essay)
     assert (s.n_claims, s.n_covered, s.n_contradicting, s.n_unsupported, s.n_hallucinated) == (5, 2, 1, 2, 3)
@@ -390,8 +394,8 @@ def test_closed_book_honest_essay_beats_inventing_one(world: World):
         p = _prompt(world, rng, None)
         ent = world.by_name[p.topic]
         attrs = list(ent.facts)
-        intro = E._INTROS[0].render(name=p.topic, a_kind=A_KIND[p.kind])
-        concl = E._CONCLUSIONS[1].render(name=p.topic)
+        intro = grammar.INTROS[0].render(name=p.topic, a_kind=A_KIND[p.kind])
+        concl = grammar.CONCLUSIONS[1].render(name=p.topic)
         for k in range(5):
             true = [world.fact_sentence(p.topic, p.kind, a, ent.facts[a], rng) for a in attrs[:k]]
             wrong = world.fact_sentence(p.topic, p.kind, attrs[k], world._other_value(p.kind, attrs[k], ent.facts[attrs[k]], rng), rng)
@@ -443,7 +447,7 @@ def _measured_rates(world: World, corpus: list[tuple[str, str]]) -> dict[str, tu
         covered += s.n_covered
         contra += s.n_contradicting
         prompt = world.parse_prompt(p)
-        if prompt.grounded and len(prompt.sheet) < E.ATTRIBUTES_PER_KIND:
+        if prompt.grounded and len(prompt.sheet) < grammar.ATTRIBUTES_PER_KIND:
             unsup_trials += 1
             unsup_hits += s.n_unsupported > 0
         else:
@@ -508,7 +512,7 @@ def _pairs(world: World, n: int, seed: int):
     for _ in range(n):
         p = _prompt(world, rng, 3)
         good = world.human_essay(p, rng, NO_FLAWS)
-        out.append((p.text, good, " ".join(E.split_sentences(good)[:-1])))
+        out.append((p.text, good, " ".join(grammar.split_sentences(good)[:-1])))
     return out
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from selfplay.cli import EXIT_USER_ERROR, main
-from selfplay.world.essays import GOLD_FIELDS
+from selfplay.world import GOLD_FIELDS
 
 
 def _lines(out: str) -> list[dict]:
@@ -64,10 +64,10 @@ def test_grade_reads_stdin(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "bad, what",
     [
-        ('{"prompt": "x", "essay": ', "not valid JSON"),
+        ('{"prompt": "x", "essay": ', "invalid JSON"),
         ('["a list"]', "expected a JSON object"),
-        ('{"essay": "text"}', 'missing key "prompt"'),
-        ('{"prompt": PROMPT, "essay": 3}', '"essay" must be a string'),
+        ('{"essay": "text"}', "missing key 'prompt'"),
+        ('{"prompt": PROMPT, "essay": 3}', "'essay' must be a str"),
         ('{"prompt": "Write an essay about Nobody, a city.", "essay": "x"}', "not a prompt of this world"),
     ],
 )

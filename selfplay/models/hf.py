@@ -1,5 +1,6 @@
 """Hugging Face checkpoints in and out (config.json + safetensors + tokenizer.json), and `import_hf`, which turns
 one into a run directory's initial policy (config.yaml, tokenizer.json, orbax params under policy/).
+Over 400 lines because each refused field of a foreign checkpoint gets its own one-line check and message here.
 
 Architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases). Weights map onto the
 stacked param tree documented in `transformer.py`; every tensor's shape is checked against `nnx.eval_shape`
@@ -41,7 +42,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from selfplay.config import Config, ModelConfig, UserError
+from selfplay.config import ActorConfig, Config, ModelConfig, UserError
 from selfplay.models import transformer
 from selfplay.tokenizer import Tokenizer
 
@@ -508,10 +509,20 @@ def save_hf(
     return dst
 
 
+def fit_actor(actor: ActorConfig, model: ModelConfig) -> ActorConfig:
+    """`actor` with max_new_tokens and prompt_buckets shrunk, where needed, so that the largest prompt plus the
+    completion fits model.max_seq_len (at most half the context for the completion)."""
+    n = model.max_seq_len
+    new = min(actor.max_new_tokens, max(1, n // 2))
+    buckets = tuple(b for b in actor.prompt_buckets if b + new <= n) or (n - new,)
+    return dataclasses.replace(actor, max_new_tokens=new, prompt_buckets=buckets)
+
+
 def import_hf(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     """Make `run_dir` an initial policy from a Hugging Face checkpoint: config.yaml (default config, model
-    section from config.json), tokenizer.json, and the params as an orbax checkpoint in policy/. Refuses a
-    directory that already holds a run, so nothing is overwritten. Returns `run_dir`."""
+    section from config.json, the actor's lengths fitted into its context), tokenizer.json, and the params as an
+    orbax checkpoint in policy/. Refuses a directory that already holds a run, so nothing is overwritten. Returns
+    `run_dir`."""
     from selfplay.policy import POLICY_DIR, save_policy
 
     run = Path(run_dir)
@@ -519,6 +530,6 @@ def import_hf(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     if (run / "config.yaml").exists() or (policy_dir.is_dir() and any(policy_dir.iterdir())):
         raise UserError(f"{run} already holds a run (config.yaml or {POLICY_DIR}/); import into a fresh directory")
     model_cfg, params, tokenizer, arch = _load(src_dir)
-    cfg = dataclasses.replace(Config(), model=model_cfg).validate()
+    cfg = dataclasses.replace(Config(), model=model_cfg, actor=fit_actor(ActorConfig(), model_cfg)).validate()
     save_policy(run, cfg, tokenizer, params, {"imported_from": str(Path(src_dir).absolute()), "architecture": arch})
     return run

@@ -8,10 +8,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from selfplay.actor import Generator
 from selfplay.config import UserError
 from selfplay.data import read_prompts
-from selfplay.policy import Generator, load_policy, load_run_config
-from selfplay.world.essays import World
+from selfplay.policy import load_policy, load_run_config
+from selfplay.world import World
 
 
 def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None, prompts_file: str | None, seed: int) -> int:

@@ -3,6 +3,7 @@
 Next-token loss on the essay tokens only (prompt tokens are context); AdamW with warm-up and cosine
 decay, gradient clipping; held-out perplexity; the policy is saved to the run directory, then a batch
 of sampled essays is graded by the gold grader, so the report shows what flaws the policy inherited.
+The loss and held-out perplexity curves go to RUN_DIR/tb/sft (TensorBoard: sft/loss, sft/perplexity).
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.console import Console
 
+from selfplay.actor import Generator
 from selfplay.config import Config, PretrainConfig, UserError
 from selfplay.data import minibatches
 from selfplay.models import transformer
-from selfplay.policy import Generator, Policy, init_policy, save_policy
+from selfplay.policy import POLICY_DIR, Policy, clear_incomplete_policy, has_policy, init_policy, save_policy
 from selfplay.tokenizer import Tokenizer
-from selfplay.world.essays import World, mean_scores
+from selfplay.tracking import ProgressBar, Tracker
+from selfplay.world import World, mean_scores
+
+TB_DIR = "tb/sft"
 
 class Packed(NamedTuple):
     """Examples packed end to end into rows of a fixed length (one compilation for the run).
@@ -127,9 +132,18 @@ def heldout_perplexity(eval_nll: Callable, params: Any, packed: Packed, batch: i
     return math.exp(total / max(count, 1.0))
 
 
-def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def pretrain(
+    cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] = print, console: Console | None = None
+) -> dict:
     """Train the SFT policy from scratch on the world's corpus and save it to `run_dir`; returns the report."""
     run_dir = Path(run_dir)
+    if has_policy(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a policy ({run_dir / POLICY_DIR}); pretrain into a new run directory, or go on from "
+            f"this one with `selfplay train --run-dir {run_dir}`"
+        )
+    if clear_incomplete_policy(run_dir):
+        log(f"pretrain: removed the incomplete policy a killed save left in {run_dir / POLICY_DIR}")
     pcfg = cfg.pretrain
     t0 = time.perf_counter()
     world = World.from_config(cfg.world)
@@ -156,13 +170,12 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
 
     history: list[dict] = []
     ppl0 = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
-    columns = [TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("pretrain", total=pcfg.steps, status="")
+    with ProgressBar("pretrain", pcfg.steps, enabled=progress, console=console) as bar:
         loss_ema = None
         for step in range(1, pcfg.steps + 1):
             idx = next(batches)
             params, opt_state, m = train_step(params, opt_state, _rows(train, idx))
+            status = None
             if step % 10 == 0 or step == pcfg.steps:
                 loss = float(m["loss"])
                 if not math.isfinite(loss):
@@ -174,8 +187,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
                     if not progress:
                         log(f"pretrain step {step}/{pcfg.steps}: loss {loss:.3f}, held-out perplexity {row['heldout_ppl']:.3f}")
                 history.append(row)
-                bar.update(task, status=f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else ""))
-            bar.update(task, advance=1)
+                status = f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else "")
+            bar.update(1, status)
     train_seconds = time.perf_counter() - t0
 
     policy.params = params
@@ -196,6 +209,11 @@ def pretrain(cfg: Config, run_dir: str | Path, *, progress: bool = True, log: Ca
         "history": history,
     }
     (run_dir / "sft_report.json").write_text(json.dumps(report, indent=2))
+    with Tracker(run_dir / TB_DIR) as tb:
+        tb.scalars(0, {"sft/perplexity": ppl0})
+        for row in history:
+            tb.scalars(row["step"], {"sft/loss": row["loss"], "sft/lr": row["lr"], "sft/grad_norm": row["grad_norm"]}
+                       | ({"sft/perplexity": row["heldout_ppl"]} if "heldout_ppl" in row else {}))
     log(
         f"pretrain: {pcfg.steps} steps in {train_seconds:.0f} s; held-out perplexity {ppl0:.1f} -> {report['heldout_ppl']:.2f}; "
         f"policy saved to {run_dir / 'policy'}"

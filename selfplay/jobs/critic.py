@@ -4,28 +4,46 @@ train the reward model, report held-out accuracy and (in the world) Spearman wit
     selfplay pretrain --config configs/tiny.yaml --run-dir runs/tiny
     selfplay critic train --run-dir runs/tiny
 
-Writes RUN_DIR/critic/ (state, meta, pairs.jsonl) and RUN_DIR/critic_report.json.
+Writes RUN_DIR/critic/ (state, meta, pairs.jsonl), RUN_DIR/critic_report.json and the training curve to
+RUN_DIR/tb/critic (TensorBoard).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import jax
 import numpy as np
+from rich.console import Console
 
-from selfplay import critic as C
+from selfplay.actor import Generator
 from selfplay.config import Config, ConfigError, UserError, to_dict
-from selfplay.policy import Generator, has_policy, load_policy
-from selfplay.world.essays import World
+from selfplay.critic import (
+    CRITIC_DIR,
+    Critic,
+    PairSource,
+    calibrate_normalizer,
+    collect_pairs,
+    collection_rngs,
+    generator_sample_fn,
+    init_critic,
+    initial_label_count,
+    pair_accuracy,
+    read_preference_file,
+    save_replacing,
+    score_texts,
+    spearman,
+    train,
+)
+from selfplay.policy import has_policy, load_policy
+from selfplay.tracking import Tracker, json_safe
+from selfplay.world import World
 
-CRITIC_DIR = "critic"
 REPORT_FILE = "critic_report.json"
+TB_DIR = "tb/critic"
 
 
 def train_critic(
@@ -35,6 +53,7 @@ def train_critic(
     pairs_file: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    console: Console | None = None,
 ) -> dict:
     """Train a critic for the policy in `run_dir` and save it; returns the report (also written as JSON)."""
     t_start = time.perf_counter()
@@ -43,12 +62,12 @@ def train_critic(
     kind = "file" if pairs_file is not None else c.label_source
     if kind == "file" and pairs_file is None:
         raise ConfigError("critic.label_source=file needs a preference file: selfplay critic train --pairs FILE.jsonl")
-    file_pairs = C.read_preference_file(pairs_file) if pairs_file is not None else None  # a bad file fails first
+    file_pairs = read_preference_file(pairs_file) if pairs_file is not None else None  # a bad file fails first
     if not has_policy(run_dir):
         raise UserError(f"{run_dir} has no policy ({run_dir / 'policy'}); run `selfplay pretrain --run-dir {run_dir}` first")
     policy = load_policy(run_dir)
     world = World.from_config(cfg.world) if kind != "file" else None
-    critic = C.init_critic(cfg, policy.tokenizer, world=world, policy_params=policy.params, policy_model=policy.cfg.model)
+    critic = init_critic(cfg, policy.tokenizer, world=world, policy_params=policy.params, policy_model=policy.cfg.model)
     gen = Generator(policy, cfg.actor, batch=c.batch_size)
     seed = cfg.run.seed
 
@@ -58,9 +77,9 @@ def train_critic(
         pairs = file_pairs
     else:
         assert world is not None
-        source = C.PairSource(world, C.generator_sample_fn(gen), kind, c.batch_size)
-        n = C.initial_label_count(cfg)
-        pairs, stats = C.collect_pairs(source, critic.labeller, policy.params, n, *C.collection_rngs(seed, 0))
+        source = PairSource(world, generator_sample_fn(gen), kind, c.batch_size)
+        n = initial_label_count(cfg)
+        pairs, stats = collect_pairs(source, critic.labeller, policy.params, n, *collection_rngs(seed, 0))
         if len(pairs) < n:
             log(f"critic: only {len(pairs)} of {n} pairs collected ({stats['skipped_identical']} identical samples skipped)")
     critic.pool.add(pairs)
@@ -69,13 +88,13 @@ def train_critic(
         log(f"critic: {critic.pool.truncated} sequence(s) longer than critic.seq_buckets max ({c.seq_buckets[-1]}) keep only their last tokens")
 
     t0 = time.perf_counter()
-    history = C.train(critic, c.steps, progress=progress)
-    C.calibrate_normalizer(critic)
+    history = train(critic, c.steps, progress=progress, console=console)
+    calibrate_normalizer(critic)
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     held_idx = critic.pool.indices(heldout=True)
-    held = C.pair_accuracy(critic, held_idx)
+    held = pair_accuracy(critic, held_idx)
     report: dict = {
         "label_source": kind,
         "pairs": len(critic.pool),
@@ -99,14 +118,18 @@ def train_critic(
         report |= _gold_eval(critic, world, gen, held_idx, held, seed)
     eval_seconds = time.perf_counter() - t0
 
-    _save_replacing(run_dir / CRITIC_DIR, critic)
+    save_replacing(run_dir / CRITIC_DIR, critic)
     report["seconds"] = {
         "collect": round(collect_seconds, 1), "train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
         "total": round(time.perf_counter() - t_start, 1),
     }
     report["critic_config"] = to_dict(c)
     report["history"] = history
-    (run_dir / REPORT_FILE).write_text(json.dumps(_finite(report), indent=2))
+    (run_dir / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=2))
+    with Tracker(run_dir / TB_DIR) as tb:
+        for row in history:
+            tb.scalars(row["step"], {"loss/critic": row["loss"], "critic/train_accuracy": row["accuracy"]})
+        tb.scalars(c.steps, {f"critic/{k}": report[k] for k in ("heldout_accuracy", "heldout_gold_accuracy", "spearman_gold") if report[k] is not None})
     sp = report["spearman_gold"]
     log(
         f"critic: {report['pairs_train']} train / {report['pairs_heldout']} held-out pairs ({kind}"
@@ -118,22 +141,7 @@ def train_critic(
     return report
 
 
-def _save_replacing(directory: Path, critic: C.Critic) -> None:
-    """Save to a fresh sibling directory, then swap it in: an older critic there is replaced whole (its later steps
-    would otherwise shadow this one), and a failed save leaves it untouched."""
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    for d in (tmp, old):
-        if d.exists():
-            shutil.rmtree(d)
-    C.save_critic(tmp, critic)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _gold_eval(critic: C.Critic, world: World, gen: Generator, held_idx: np.ndarray, held: dict, seed: int) -> dict:
+def _gold_eval(critic: Critic, world: World, gen: Generator, held_idx: np.ndarray, held: dict, seed: int) -> dict:
     """Gold-grader checks: held-out pairs ordered as gold orders them, and Spearman on fresh policy essays."""
     out: dict = {}
     if len(held_idx):
@@ -148,19 +156,8 @@ def _gold_eval(critic: C.Critic, world: World, gen: Generator, held_idx: np.ndar
         prompts = world.sample_prompts(n, np.random.default_rng([seed, 0x5EA7]))
         essays = gen.generate(prompts, jax.random.fold_in(jax.random.key(seed), 0x5EA7), samples_per_prompt=1)
         gold = np.array([world.grade(p, e).score for p, e in zip(prompts, essays)])
-        scores = C.score_texts(critic, prompts, essays).rewards_b
-        out["spearman_gold"] = C.spearman(scores, gold)
+        scores = score_texts(critic, prompts, essays).rewards_b
+        out["spearman_gold"] = spearman(scores, gold)
         out["eval_samples"] = n
         out["gold_mean_fresh"] = float(gold.mean())
     return out
-
-
-def _finite(x: object) -> object:
-    """JSON has no NaN: report undefined figures as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x

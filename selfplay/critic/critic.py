@@ -1,0 +1,297 @@
+"""The critic as the CLI and the loop hold it: model, state, pair pool and labeller in one handle, and what it does:
+train on the pool, score texts and rollouts, measure pair accuracy, re-calibrate, refresh on the policy's own essays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from rich.console import Console
+
+from selfplay import sharding
+from selfplay.config import (
+    Config,
+    ConfigError,
+    CriticConfig,
+    ModelConfig,
+    UserError,
+    check_critic_init,
+    check_label_reserve,
+    label_reserve,
+)
+from selfplay.critic.labels import PairSource, collect_pairs, collection_rngs
+from selfplay.critic.model import (
+    CriticFns,
+    CriticState,
+    Normalizer,
+    combine_members,
+    init_state,
+    make_critic_fns,
+    raw_rewards,
+    reward_graphdef,
+)
+from selfplay.critic.pairs import PairPool, pad_to_bucket
+from selfplay.data import fixed_chunks
+from selfplay.tokenizer import Tokenizer
+from selfplay.tracking import ProgressBar
+from selfplay.types import Rollout, Scores
+from selfplay.world import Labeller, World
+
+
+@dataclasses.dataclass
+class Critic:
+    """A critic: config, tokenizer, graphdef (one member), its state, the pair pool, the labeller (world labels only)
+    and the compiled functions (pinned to a mesh when built with a layout). Its functions below update `state`,
+    `pool`, `labeller` and `refreshes`; nothing else assigns them."""
+
+    cfg: Config
+    tokenizer: Tokenizer
+    graphdef: nnx.GraphDef
+    state: CriticState
+    pool: PairPool
+    fns: CriticFns
+    labeller: Labeller | None = None
+    refreshes: int = 0
+    layout: sharding.Layout | None = None
+
+    @property
+    def ccfg(self) -> CriticConfig:
+        return self.cfg.critic
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.seed
+
+
+def initial_label_count(cfg: Config) -> int:
+    """Labels `critic train` spends: critic.label_budget minus the refreshes' reserve for the whole run."""
+    check_label_reserve(cfg)
+    return cfg.critic.label_budget - label_reserve(cfg)
+
+
+def init_critic(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    *,
+    world: World | None = None,
+    policy_params: nnx.State | None = None,
+    policy_model: ModelConfig | None = None,
+    layout: sharding.Layout | None = None,
+) -> Critic:
+    """A fresh critic (trunk from scratch, or from `policy_params` with critic.init_from_policy) with an empty pool;
+    with a world and critic.label_source=world, a labeller of budget critic.label_budget seeded by run.seed."""
+    c = cfg.critic
+    trunk = None
+    if c.init_from_policy:
+        if policy_params is None or policy_model is None:
+            raise UserError("critic.init_from_policy=true needs the policy's params")
+        check_critic_init(c, policy_model)
+        trunk = policy_params
+    return critic_from_state(cfg, tokenizer, init_state(c, cfg.run.seed, trunk), world=world, layout=layout)
+
+
+def critic_from_state(
+    cfg: Config, tokenizer: Tokenizer, state: CriticState, *, world: World | None = None, layout: sharding.Layout | None = None
+) -> Critic:
+    """A critic around `state` with an empty pool and, for world labels, a fresh labeller. With a `layout`, the state
+    is placed on its mesh and the score and train steps are pinned to it."""
+    c = cfg.critic
+    if c.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"critic.model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    graphdef = reward_graphdef(c.model)
+    labeller = None
+    if world is not None and c.label_source == "world":
+        labeller = Labeller(world, c.label_budget, c.label_noise, seed=cfg.run.seed)
+    pool = PairPool(tokenizer, c.seq_buckets[-1], c.heldout_fraction, cfg.run.seed)
+    fns = make_critic_fns(graphdef, c)
+    if layout is not None:
+        state = layout.place_state(state)
+        fns = layout.critic_fns(fns, state, members=c.ensemble_size, rows=2 * c.batch_size)
+    return Critic(cfg, tokenizer, graphdef, state, pool, fns, labeller, layout=layout)
+
+
+def score_rollout(critic: Critic, rollout: Rollout, prompt_width: int) -> tuple[Scores, jax.Array]:
+    """(Scores of every rollout row, the members' raw combination [B]); the scored batch is folded into the
+    normaliser afterwards, so this batch is normalised by the statistics before it."""
+    scores = critic.fns.score(critic.state, rollout, prompt_width)
+    critic.state = critic.fns.observe(critic.state, scores.members_kb)
+    return scores, raw_rewards(critic.ccfg, scores)
+
+
+SORTISH_CHUNK = 32  # batches per length-sorted chunk: batches of similar lengths pad less, yet stay random
+
+
+def _member_streams(critic: Critic, train_idx: np.ndarray) -> list[Any]:
+    """Per member: an endless stream of batch_size pool indices (own order; with bootstrap, own resample)."""
+    c = critic.ccfg
+    step = int(critic.state.step)
+    length = np.array([max(len(a), len(b)) for a, b in critic.pool.ids])
+    streams = []
+    for m in range(c.ensemble_size):
+        base = train_idx
+        if c.bootstrap:
+            base = train_idx[np.random.default_rng([critic.seed, 0xB007, m, len(train_idx)]).integers(0, len(train_idx), len(train_idx))]
+        rng = np.random.default_rng([critic.seed, 0x0DE5, m, step])
+        if len(base) >= c.batch_size:
+            streams.append(_sortish_batches(base, length, c.batch_size, rng))
+        else:  # a small pool (early refreshes): draw with replacement
+            streams.append(_with_replacement(base, rng, c.batch_size))
+    return streams
+
+
+def _sortish_batches(base: np.ndarray, length: np.ndarray, b: int, rng: np.random.Generator) -> Any:
+    """Endless batches of b entries of `base`: each epoch shuffles, sorts chunks of SORTISH_CHUNK * b by length,
+    cuts them into batches and shuffles the batch order (a chunk's last partial batch waits for another epoch)."""
+    while True:
+        order = base[rng.permutation(len(base))]
+        batches = []
+        for start in range(0, len(order), SORTISH_CHUNK * b):
+            chunk = order[start : start + SORTISH_CHUNK * b]
+            chunk = chunk[np.argsort(length[chunk], kind="stable")]
+            batches += [chunk[j : j + b] for j in range(0, len(chunk) - b + 1, b)]
+        for j in rng.permutation(len(batches)):
+            yield batches[j]
+
+
+def _with_replacement(base: np.ndarray, rng: np.random.Generator, b: int) -> Any:
+    while True:
+        yield base[rng.integers(0, len(base), b)]
+
+
+def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "critic", console: Console | None = None) -> list[dict]:
+    """`steps` training steps of every member on the pool's training pairs; returns a history of member-mean metrics
+    (every 10 steps and the last). Raises UserError on a non-finite loss."""
+    if steps <= 0:
+        return []
+    c = critic.ccfg
+    train_idx = critic.pool.indices(heldout=False)
+    if len(train_idx) == 0:
+        raise UserError("the critic has no training pairs (all labelled pairs are held out or none were labelled)")
+    streams = _member_streams(critic, train_idx)
+    pad_id = critic.tokenizer.pad_id
+    history: list[dict] = []
+    with ProgressBar(desc, steps, enabled=progress, console=console) as bar:
+        for i in range(1, steps + 1):
+            idx_kb = [next(s) for s in streams]
+            rows = [critic.pool.ids[j][0] for idx in idx_kb for j in idx] + [critic.pool.ids[j][1] for idx in idx_kb for j in idx]
+            tokens, lens = pad_to_bucket(rows, c.seq_buckets, pad_id)
+            # rows are [all chosen; all rejected]; regroup as member k: [its chosen; its rejected]
+            k, b = c.ensemble_size, c.batch_size
+            tokens_knl = tokens.reshape(2, k, b, -1).transpose(1, 0, 2, 3).reshape(k, 2 * b, -1)
+            len_kn = lens.reshape(2, k, b).transpose(1, 0, 2).reshape(k, 2 * b)
+            critic.state, metrics = critic.fns.train_step(critic.state, tokens_knl, len_kn)
+            status = None
+            if i % 10 == 0 or i == steps:
+                row = {"step": int(critic.state.step), **{n: float(np.mean(v)) for n, v in metrics.items()}}
+                if not math.isfinite(row["loss"]):
+                    raise UserError(f"critic training diverged at step {row['step']} (loss {row['loss']}); lower critic.lr")
+                history.append(row)
+                status = f"loss {row['loss']:.3f}  acc {row['accuracy']:.2f}"
+            bar.update(1, status)
+    return history
+
+
+def score_texts(critic: Critic, prompts: Sequence[str], essays: Sequence[str]) -> Scores:
+    """Scores (numpy) of `[bos] prompt [sep] essay [eos]` texts, in fixed chunks of 2 * batch_size rows."""
+    rows = [critic.pool.encode(p, e) for p, e in zip(prompts, essays, strict=True)]
+    return _score_rows(critic, rows)
+
+
+def _score_rows(critic: Critic, rows: Sequence[np.ndarray]) -> Scores:
+    c = critic.ccfg
+    chunk = 2 * c.batch_size
+    rewards, members = [], []
+    for _, part, real in fixed_chunks(rows, chunk):
+        tokens, lens = pad_to_bucket(part, c.seq_buckets, critic.tokenizer.pad_id)
+        s = critic.fns.score_tokens(critic.state, tokens, lens)
+        rewards.append(np.asarray(s.rewards_b)[:real])
+        members.append(np.asarray(s.members_kb)[:, :real])
+    if not rows:
+        return Scores(np.zeros(0, np.float32), np.zeros((c.ensemble_size, 0), np.float32))
+    return Scores(np.concatenate(rewards), np.concatenate(members, axis=1))
+
+
+def pair_accuracy(critic: Critic, indices: Sequence[int]) -> dict[str, Any]:
+    """Share of the pool's pairs at `indices` where the combined score prefers `chosen` (ties count 1/2), also per
+    member; plus the scores, for further checks."""
+    if len(indices) == 0:
+        return {"accuracy": float("nan"), "member_accuracy": [], "n": 0}
+    sc = _score_rows(critic, [critic.pool.ids[i][0] for i in indices])
+    sr = _score_rows(critic, [critic.pool.ids[i][1] for i in indices])
+
+    def acc(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean((a > b) + 0.5 * (a == b)))
+
+    return {
+        "accuracy": acc(sc.rewards_b, sr.rewards_b),
+        "member_accuracy": [acc(sc.members_kb[m], sr.members_kb[m]) for m in range(sc.members_kb.shape[0])],
+        "n": len(indices),
+        "chosen": sc.rewards_b,
+        "rejected": sr.rewards_b,
+    }
+
+
+def calibrate_normalizer(critic: Critic, max_pairs: int = 512) -> None:
+    """Restart the normaliser from the combined raw scores of the newest pool essays (both sides of up to
+    max_pairs pairs): after training, the old statistics describe another scale."""
+    idx = list(range(max(0, len(critic.pool) - max_pairs), len(critic.pool)))
+    rows = [critic.pool.ids[i][0] for i in idx] + [critic.pool.ids[i][1] for i in idx]
+    if not rows:
+        return
+    members = _score_rows(critic, rows).members_kb
+    combined = np.asarray(combine_members(jnp.asarray(members), critic.ccfg.combine, critic.ccfg.uncertainty_coef))
+    norm = Normalizer(jnp.float32(combined.mean()), jnp.float32(combined.var()), jnp.float32(1.0))
+    critic.state = critic.state._replace(norm=norm)
+    if critic.layout is not None:  # the new statistics were made on the host
+        critic.state = critic.layout.place_state(critic.state)
+
+
+def refresh(
+    critic: Critic,
+    policy_params: Any,
+    source: PairSource,
+    *,
+    budget: int | None = None,
+    steps: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Co-evolve the critic with the policy: sample from the CURRENT `policy_params`, label up to `budget`
+    (default critic.refresh_budget; never more than the labeller has left) new pairs, add them to the pool (which
+    keeps every earlier pair), train `steps` (default critic.refresh_steps) steps, re-calibrate the normaliser.
+
+    Returns metrics named for the tracker (loss/critic, critic/*)."""
+    c = critic.ccfg
+    budget = c.refresh_budget if budget is None else budget
+    steps = c.refresh_steps if steps is None else steps
+    if source.kind == "world":
+        if critic.labeller is None:
+            raise UserError("critic.label_source=world needs a labeller; build the critic with a world")
+        budget = min(budget, critic.labeller.remaining)
+    tag = critic.refreshes + 1  # collection 0 is `critic train`'s
+    rng, key = collection_rngs(critic.seed, tag)
+    pairs, stats = collect_pairs(source, critic.labeller, policy_params, budget, rng, key)
+    critic.refreshes = tag
+    critic.pool.add(pairs)
+    history = train(critic, steps, progress=progress, desc="critic refresh") if len(critic.pool.indices(False)) else []
+    calibrate_normalizer(critic)
+    out = {
+        "critic/new_pairs": float(len(pairs)),
+        "critic/labels": float(stats["labels"]),
+        "critic/skipped_identical": float(stats["skipped_identical"]),
+        "critic/pool_size": float(len(critic.pool)),
+        "critic/labels_used": float(critic.labeller.used if critic.labeller else 0),
+    }
+    if history:
+        out["loss/critic"] = history[-1]["loss"]
+        out["critic/train_accuracy"] = history[-1]["accuracy"]
+    return out
+
+

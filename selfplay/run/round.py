@@ -1,0 +1,200 @@
+"""One self-play round, stage by stage: rollout -> score -> reference -> update (-> critic refresh), then the host's
+measurements (gold grader, diversity, lengths). `selfplay bench round` times these same stages.
+
+    prompts -> actor -> critic score -> reference log-probs -> learner update (+ human examples, learner.ptx_coef)
+    every critic.refresh_every rounds: critic refresh on the policy's own samples
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from selfplay import learner, sharding
+from selfplay.actor import Generator
+from selfplay.config import Config
+from selfplay.critic import PairSource, refresh, score_rollout
+from selfplay.models import heads, transformer
+from selfplay.monitors import diversity
+from selfplay.run.state import RunState
+from selfplay.run.task import Task
+from selfplay.world import mean_scores
+
+
+class Stopwatch:
+    """Seconds per stage: `sw("update", fn, *args)` runs fn, waits for its arrays, and appends the time to
+    `sw.seconds["update"]`; `last()` gives each stage's latest time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        self.seconds.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    def last(self) -> dict[str, float]:
+        return {name: times[-1] for name, times in self.seconds.items()}
+
+
+class Steps:
+    """The compiled functions of the round besides the sampler and the critic, one per prompt bucket P (fixed shapes:
+    one compilation each); with a `layout`, the update and reference steps are pinned to its mesh."""
+
+    def __init__(self, cfg: Config, graphdef: Any, optimizer: Any, value_graphdef: Any = None, layout: sharding.Layout | None = None):
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.value_graphdef = value_graphdef
+        self.layout = layout
+        self.logprob_fn = functools.partial(transformer.token_logprobs, graphdef)
+        self._update: dict[int, Callable] = {}
+        self._reference: dict[int, Callable] = {}
+
+    def value_fn(self, vparams: Any, tokens_bl: jax.Array, positions_bl: jax.Array, valid_bl: jax.Array) -> jax.Array:
+        return nnx.merge(self.value_graphdef, vparams)(tokens_bl, positions_bl, valid_bl)
+
+    def update(self, p: int) -> Callable:
+        if p not in self._update:
+            step = learner.make_update_step(
+                self.cfg.learner,
+                group_size=self.cfg.actor.samples_per_prompt,
+                prompt_width=p,
+                logprob_fn=self.logprob_fn,
+                value_fn=self.value_fn if self.cfg.learner.algorithm == "ppo" else None,
+                optimizer=self.optimizer,
+                actor_cfg=self.cfg.actor,
+            )
+            self._update[p] = step if self.layout is None else self.layout.update_step(step)
+        return self._update[p]
+
+    def reference(self, p: int) -> Callable:
+        if p not in self._reference:
+            step = learner.make_reference_logprobs(self.logprob_fn, prompt_width=p)
+            self._reference[p] = step if self.layout is None else self.layout.reference_step(step)
+        return self._reference[p]
+
+    def place_batch(self, x_b: np.ndarray) -> jax.Array:
+        """A whole per-row host array (e.g. gold rewards) on the device(s), split like the rollout's rows."""
+        return jnp.asarray(x_b) if self.layout is None else self.layout.place_batch(x_b)
+
+
+def init_learner(cfg: Config, params: Any, optimizer: Any, layout: sharding.Layout | None = None) -> tuple[learner.TrainState, Any]:
+    """A fresh learner state from the policy's params; with PPO a value model initialised from the policy's trunk.
+    With a `layout` every leaf is then placed by its logical axes (moments follow their params; counters replicated).
+    Returns (state, the value model's graphdef or None)."""
+    value_params, value_graphdef = None, None
+    if cfg.learner.algorithm == "ppo":
+        vm = heads.ValueModel(cfg.model, rngs=nnx.Rngs(params=jax.random.key(cfg.run.seed + 1)))
+        nnx.update(vm.trunk, params)
+        value_graphdef, value_params = nnx.split(vm, nnx.Param)
+    state = learner.init_train_state(cfg.learner, params, optimizer=optimizer, value_params=value_params)
+    if layout is not None:
+        state = layout.place_state(state)
+    return state, value_graphdef
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every round reads and nothing changes: the config, the task, the policy's sampler, the compiled steps,
+    the frozen reference params and, with refreshes, where the critic's new pairs come from."""
+
+    cfg: Config
+    task: Task
+    gen: Generator
+    steps: Steps
+    ref_params: Any
+    refresh_source: PairSource | None
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """metrics: every scalar of the round (TensorBoard tags); rewards_b: the critic's reward of each essay; text: a
+    markdown sample of essays with their scores; refreshed: the critic was retrained at the round's end."""
+
+    metrics: dict[str, float]
+    rewards_b: np.ndarray
+    text: str
+    refreshed: bool
+
+
+def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
+    """Round `rnd`: advances `run` (learner state, critic, prompt and example streams) by one round."""
+    cfg, task, gen, steps = setup.cfg, setup.task, setup.gen, setup.steps
+    n_prompts, g = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt
+    key_r = jax.random.fold_in(run.key, rnd)
+    sw = Stopwatch()
+    t_round = time.perf_counter()
+
+    prompts = [task.train_prompts[i] for i in run.prompts.take(n_prompts)]
+    rollout, p = sw("timing/rollout", gen.rollout, run.learner.params, prompts, jax.random.fold_in(key_r, 0), g)
+    scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
+    rewards_b = scores.rewards_b
+    ref_lp = sw("timing/reference", steps.reference(p), setup.ref_params, rollout)
+
+    essays = gen.completions(rollout, p)
+    rep = [q for q in prompts for _ in range(g)]
+    grades = task.grades(rep, essays)
+    gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
+    train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
+
+    def update() -> dict:
+        ptx_rows = run.ptx.take(cfg.learner.ptx_batch) if run.ptx is not None else None
+        run.learner, m = steps.update(p)(run.learner, learner.Batch(rollout, train_rewards, ref_lp, ptx_rows), jax.random.fold_in(key_r, 1))
+        return jax.device_get(m)
+
+    metrics: dict[str, float] = {k: float(v) for k, v in sw("timing/update", update).items()}
+    refreshed = setup.refresh_source is not None and rnd % cfg.critic.refresh_every == 0
+    if refreshed:
+        metrics |= sw("timing/critic", refresh, run.critic, run.learner.params, setup.refresh_source)
+
+    r, raw, mask, eos_b = sharding.to_host((rewards_b, raw_b, rollout.completion_mask_bl, rollout.eos_b))
+    metrics |= measure(r, raw, mask, eos_b, essays, grades, g)
+    timing = sw.last()
+    timing["perf/step_time"] = time.perf_counter() - t_round
+    metrics |= timing
+    metrics["perf/tokens_per_s"] = float(mask.sum()) / max(timing["timing/rollout"], 1e-9)
+    return RoundResult(metrics, r, sample_text(rep, essays, r, grades), refreshed)
+
+
+def measure(r: np.ndarray, raw: np.ndarray, mask: np.ndarray, eos_b: np.ndarray, essays: list[str], grades: list | None, g: int) -> dict[str, float]:
+    """The round's host-side measurements: reward, length, gold sub-scores, the critic's agreement with gold, diversity."""
+    out = {
+        "reward/mean": float(r.mean()),
+        "reward/std": float(r.std()),
+        "reward/raw_mean": float(raw.mean()),
+        "completions/mean_length": float(mask.sum()) / len(essays),
+        "completions/clipped_ratio": float(1.0 - eos_b.mean()),
+    }
+    if grades is not None:
+        out |= {f"gold/{k}": v for k, v in mean_scores(grades).items() if not k.startswith("n_") and not k.startswith("has_")}
+        agreement = pair_agreement(r, np.array([x.score for x in grades], np.float32), g)
+        if agreement is not None:
+            out["critic/accuracy"] = agreement
+        elif g >= 2:
+            out["critic/accuracy"] = float("nan")  # no pair the gold grader could tell apart this round
+    return out | diversity(essays)
+
+
+def sample_text(rep: list[str], essays: list[str], r: np.ndarray, grades: list | None, shown: int = 4) -> str:
+    """Markdown of `shown` essays spread over the batch, with their prompt, critic reward and gold score."""
+    gold = [""] * len(essays) if grades is None else [f" · gold {s.score:.2f} (halluc. {s.hallucination_rate:.2f})" for s in grades]
+    picks = list(range(0, len(essays), max(1, len(essays) // shown)))[:shown]
+    return "\n\n".join(f"**prompt:** {rep[i]}\n\n**critic** {r[i]:+.3f}{gold[i]}\n\n{essays[i]}" for i in picks)
+
+
+def pair_agreement(rewards_b: np.ndarray, gold_b: np.ndarray, g: int) -> float | None:
+    """How often the critic orders the first two essays of each prompt as the gold grader does (gold ties left out)."""
+    if g < 2:
+        return None
+    a, b = rewards_b[0::g], rewards_b[1::g]
+    ga, gb = gold_b[0::g], gold_b[1::g]
+    decided = ga != gb
+    return float(np.mean(((a > b) == (ga > gb))[decided])) if decided.any() else None

@@ -1,0 +1,223 @@
+"""The gold grader of the essay world: the sub-scores of one essay (`GoldScores`), their documented weighted sum
+(`grade`), and the field-wise mean over many essays (`mean_scores`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from selfplay.world.grammar import A_KIND, Template, split_sentences
+
+if TYPE_CHECKING:
+    from selfplay.world.world import Prompt, World
+
+# Gold score weights (they sum to 1) and the length band.
+W_COVERAGE = 0.30
+W_HALLUCINATION = 0.25
+W_REPETITION = 0.10
+W_RELEVANCE = 0.10
+W_STRUCTURE = 0.10
+W_FLUENCY = 0.10
+W_LENGTH = 0.05
+MIN_WORDS = 15  # a perfect two-fact essay has at least 18 words
+MAX_WORDS = 100  # the longest human essays have about 85 words
+LENGTH_BAND = (MIN_WORDS, MAX_WORDS)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GoldScores:
+    """The gold grader's verdict on one essay; see `grade` for every definition."""
+
+    score: float
+    coverage: float
+    hallucination_rate: float
+    contradiction_rate: float
+    unsupported_rate: float
+    repetition_rate: float
+    relevance: float
+    structure: float
+    fluency: float
+    length: float
+    n_sentences: int
+    n_words: int
+    n_asked: int
+    n_covered: int
+    n_claims: int
+    n_contradicting: int
+    n_unsupported: int
+    n_hallucinated: int
+    n_repeated: int
+    n_off_topic: int
+    n_unparsed: int
+    has_intro: int
+    has_conclusion: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {f: getattr(self, f) for f in GOLD_FIELDS}
+
+
+GOLD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GoldScores))
+# The best value of each rate-type sub-score; every other fraction is best at 1.
+BEST: dict[str, float] = {
+    "score": 1.0, "coverage": 1.0, "hallucination_rate": 0.0, "contradiction_rate": 0.0,
+    "unsupported_rate": 0.0, "repetition_rate": 0.0, "relevance": 1.0, "structure": 1.0,
+    "fluency": 1.0, "length": 1.0,
+}
+
+
+def mean_scores(scores: Iterable[GoldScores]) -> dict[str, float]:
+    """Field-wise mean over a non-empty collection of scores."""
+    rows = [s.to_dict() for s in scores]
+    if not rows:
+        raise ValueError("mean_scores needs at least one GoldScores")
+    return {f: float(sum(r[f] for r in rows) / len(rows)) for f in GOLD_FIELDS}
+
+
+def length_score(n_words: int) -> float:
+    if n_words < MIN_WORDS:
+        return n_words / MIN_WORDS
+    if n_words > MAX_WORDS:
+        return max(0.0, 1.0 - (n_words - MAX_WORDS) / MAX_WORDS)
+    return 1.0
+
+
+def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
+    """Gold sub-scores and score of `essay` for a prompt of `world`; never raises on the essay.
+
+    Gold sub-scores (`GoldScores`), for a prompt about topic T of kind K. A sentence's *subject* is its
+    `{name}` slot; every template has one.
+
+      repetition_rate  repeated sentences / sentences. A sentence is a repeat when its text (whitespace
+                       collapsed) equals an earlier sentence's, or when it is a fact sentence restating an
+                       earlier fact (same subject, attribute and value) with another template. Repeats are
+                       counted here only; every other count below is over the *distinct* sentences.
+      fluency          distinct sentences that parse against the grammar / distinct sentences.
+      relevance        1 - off-topic / distinct sentences. Off-topic: a parsed sentence whose subject is
+                       another entity of the world, or an introduction, elaboration or conclusion written
+                       for another kind (e.g. a city elaboration in an essay about a river).
+      claims           distinct parsed fact sentences whose subject is T. Each claim is exactly one of:
+                       correct; *contradicting* (grounded: the attribute is on the sheet with another value;
+                       closed-book: the value differs from the fact base; either mode: the attribute does
+                       not belong to kind K); *unsupported* (grounded only: an attribute of K that the sheet
+                       does not give, whatever its value; the sheet is the only allowed source).
+      hallucination_rate   (contradicting + unsupported) / claims, 0 without claims; split into
+                       contradiction_rate and unsupported_rate. Claims about other entities are off-topic,
+                       not hallucinations, and are not checked for truth.
+      coverage         asked facts stated correctly / asked facts. Asked: grounded, the sheet's facts (the
+                       sheet is the truth, even where it differs from the fact base); closed-book, every
+                       attribute of K with its fact-base value (all ATTRIBUTES_PER_KIND of them).
+      structure        0.5 if the first sentence is an introduction naming T as a K, plus 0.5 if the last
+                       sentence is a conclusion naming T (and K where the template names a kind).
+      length           1 inside LENGTH_BAND words (whitespace-separated, the whole essay); below it
+                       words / MIN_WORDS; above it max(0, 1 - (words - MAX_WORDS) / MAX_WORDS).
+
+    The gold score, in [0, 1]:
+
+      score = W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
+              + fluency * (W_HALLUCINATION * (1 - hallucination_rate) + W_REPETITION * (1 - repetition_rate)
+                           + W_RELEVANCE * relevance + W_LENGTH * length)
+
+    The weights sum to 1, so an essay that states every asked fact correctly, claims nothing else,
+    opens with an introduction, closes with a conclusion, repeats nothing and fits the length band
+    scores exactly 1.0. The terms that reward the *absence* of a flaw are scaled by fluency, so text
+    that does not parse (empty, garbage) scores 0 instead of collecting credit for flaws it cannot have.
+    Each flaw moves only its own sub-score; the total moves with it. Closed-book honesty: adding a
+    wrong claim to k correct ones costs W_HALLUCINATION / (k + 1) and gains nothing, so an essay that
+    claims less beats one that invents.
+    """
+    if isinstance(essay, (bytes, bytearray)):
+        essay = bytes(essay).decode("utf-8", errors="replace")
+    elif not isinstance(essay, str):
+        essay = ""
+    topic, kind = prompt.topic, prompt.kind
+    asked = dict(prompt.sheet) if prompt.grounded else world.by_name[topic].facts
+    sentences = split_sentences(essay)
+    n = len(sentences)
+    seen: set = set()
+    covered: set[str] = set()
+    n_repeated = n_unparsed = n_off = n_claims = n_contra = n_unsup = 0
+    parses: list[tuple[Template, dict[str, str]] | None] = []
+    for s in sentences:
+        parsed = world.parse_sentence(s)
+        parses.append(parsed)
+        keys = [("text", s)]
+        if parsed is not None and parsed[0].role == "fact":
+            t, slots = parsed
+            keys.append(("fact", slots["name"], t.kind, t.attr, slots["value"]))
+        if any(k in seen for k in keys):
+            n_repeated += 1
+            continue
+        seen.update(keys)
+        if parsed is None:
+            n_unparsed += 1
+            continue
+        t, slots = parsed
+        if slots["name"] != topic or (t.role != "fact" and slots.get("kind", t.kind or kind) != kind) or (
+            "a_kind" in slots and slots["a_kind"] != A_KIND[kind]
+        ):
+            n_off += 1
+            continue
+        if t.role != "fact":
+            continue
+        n_claims += 1
+        value = slots["value"]
+        if t.kind != kind:
+            n_contra += 1
+        elif t.attr in asked:
+            if asked[t.attr] == value:  # type: ignore[index]
+                covered.add(t.attr)  # type: ignore[arg-type]
+            else:
+                n_contra += 1
+        else:
+            n_unsup += 1  # grounded only: closed-book asks every attribute of the kind
+    n_distinct = n - n_repeated
+    first, last = (parses[0], parses[-1]) if parses else (None, None)
+    has_intro = int(
+        first is not None and first[0].role == "intro" and first[1]["name"] == topic
+        and first[1]["a_kind"] == A_KIND[kind]
+    )
+    has_conclusion = int(
+        last is not None and last[0].role == "concl" and last[1]["name"] == topic
+        and last[1].get("kind", kind) == kind
+    )
+    n_words = len(essay.split())
+    n_asked = len(asked)
+    coverage = len(covered) / n_asked
+    n_hall = n_contra + n_unsup
+    hall = n_hall / n_claims if n_claims else 0.0
+    repetition = n_repeated / n if n else 0.0
+    fluency = (n_distinct - n_unparsed) / n_distinct if n_distinct else 0.0
+    relevance = 1.0 - n_off / n_distinct if n_distinct else 0.0
+    structure = 0.5 * has_intro + 0.5 * has_conclusion
+    length = length_score(n_words)
+    score = (
+        W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
+        + fluency * (W_HALLUCINATION * (1.0 - hall) + W_REPETITION * (1.0 - repetition)
+                     + W_RELEVANCE * relevance + W_LENGTH * length)
+    )
+    return GoldScores(
+        score=min(1.0, max(0.0, round(score, 12))),
+        coverage=coverage,
+        hallucination_rate=hall,
+        contradiction_rate=n_contra / n_claims if n_claims else 0.0,
+        unsupported_rate=n_unsup / n_claims if n_claims else 0.0,
+        repetition_rate=repetition,
+        relevance=relevance,
+        structure=structure,
+        fluency=fluency,
+        length=length,
+        n_sentences=n,
+        n_words=n_words,
+        n_asked=n_asked,
+        n_covered=len(covered),
+        n_claims=n_claims,
+        n_contradicting=n_contra,
+        n_unsupported=n_unsup,
+        n_hallucinated=n_hall,
+        n_repeated=n_repeated,
+        n_off_topic=n_off,
+        n_unparsed=n_unparsed,
+        has_intro=has_intro,
+        has_conclusion=has_conclusion,
+    )
