@@ -134,8 +134,9 @@ class Checkpointer:
     def _restore(self, step: int, **items: Any) -> Any:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from None
+        except Exception as e:  # orbax and tensorstore raise bare Exceptions for damaged files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {reason[:300]}") from None
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """Restore (state, meta) at `step` (default: latest). `target` (arrays or ShapeDtypeStructs,

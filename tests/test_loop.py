@@ -239,3 +239,19 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
     with pytest.raises(ConfigError, match="needs human examples: set run.ptx_file"):
         train(bare, TINY, [f"run.prompts_file={tmp_path / 'prompts.jsonl'}", "critic.label_source=file",
                                 "critic.refresh_every=0", "learner.ptx_coef=0.5"], progress=False, console=Console(quiet=True))
+
+
+def test_a_damaged_checkpoint_is_skipped_kept_aside_and_its_round_run_again(prepared, tmp_path):
+    run = _copy(prepared, tmp_path, "damaged")
+    quiet = Console(quiet=True)
+    train(run, None, ["run.rounds=3", "run.checkpoint_every=1"], progress=False, console=quiet)
+    data = max((p for p in (run / CHECKPOINT_DIR / "3" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a truncated data file
+    console = Console(record=True, width=300)
+    train(run, None, ["run.rounds=4", "run.checkpoint_every=1"], progress=False, console=console)
+    text = console.export_text()
+    assert "checkpoint 3 skipped" in text and "after round 2" in text
+    assert (run / "checkpoints.damaged" / "3" / "state").is_dir()  # never deleted
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+    _, meta = _final_flat(run)
+    assert meta["round"] == 4

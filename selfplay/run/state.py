@@ -50,10 +50,13 @@ class RunState:
 
     def restore(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
         """Replace every part by checkpoint `step`'s: arrays come back with the shapes, dtypes and shardings of the
-        current ones (so a run resumes on another mesh), then the host side."""
+        current ones (so a run resumes on another mesh), then the host side. A damaged step (unreadable, or not
+        finite) raises CheckpointError before anything is replaced."""
         template = abstract(self.arrays())
         flat, meta = ckpt.restore(step, checkpoint.flatten_tree(template))
         restored = checkpoint.unflatten_like(template, flat)
+        if not checkpoint.tree_is_finite(restored):
+            raise checkpoint.CheckpointError(f"step {step} in {ckpt.directory} holds NaN or Inf")
         self.learner, self.critic.state = restored["learner"], restored["critic"]
         self.key = jax.random.wrap_key_data(restored["key"])
         self.round = int(meta["round"])

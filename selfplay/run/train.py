@@ -14,6 +14,7 @@ tb/sft and tb/critic for the SFT and critic curves), eval_sft.json, eval.json (t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -29,12 +30,14 @@ from selfplay.jobs.critic import train_critic
 from selfplay.jobs.sft import pretrain
 from selfplay.policy import has_policy
 from selfplay.run.evaluate import EVAL_FILE, evaluate, print_table, sft_column, sft_evaluation
+from selfplay.run.lock import RunLock
 from selfplay.run.round import Setup, run_round
 from selfplay.run.setup import CHECKPOINT_DIR, build, resolve_config, start_distributed
 from selfplay.run.state import RunState
 from selfplay.tracking import ProgressBar, Tracker, json_safe
 
 TB_DIR = "tb"
+DAMAGED_DIR = "checkpoints.damaged"
 
 
 def train(
@@ -53,8 +56,14 @@ def train(
     console = console if console is not None and logging_process else Console(quiet=not logging_process)
     progress = progress and logging_process
     cfg = resolve_config(run_dir, config_path, list(overrides or []))
-    t_run = time.perf_counter()
+    # One run per directory: the logging process holds the lock for all processes of a multi-process run.
+    with RunLock(run_dir) if logging_process else contextlib.nullcontext():
+        return _train(cfg, run_dir, devices, progress=progress, console=console, logging_process=logging_process)
 
+
+def _train(cfg: Config, run_dir: Path, devices: Sequence[jax.Device] | None, *, progress: bool, console: Console,
+           logging_process: bool) -> dict:
+    t_run = time.perf_counter()
     prepare(cfg, run_dir, progress=progress, console=console, logging_process=logging_process)
     setup, run = build(cfg, run_dir, sharding.Layout.from_config(cfg.mesh, devices))
     sft_eval = sft_evaluation(setup, run.critic, run_dir, write=logging_process)
@@ -113,11 +122,24 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
 
 
 def resume(run: RunState, ckpt: checkpoint.Checkpointer, run_dir: Path, rounds: int, log: Callable[[str], None]) -> int:
-    """Restore the latest complete checkpoint into `run`, if there is one; returns the round it ends (of `rounds`)."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        run.restore(ckpt, latest)
+    """Restore the newest intact checkpoint into `run`, if there is one; returns the round it ends (of `rounds`).
+    A damaged newer one is moved aside to checkpoints.damaged/ (never deleted; the run saves that round again)."""
+    steps = ckpt.steps()
+    for i, step in enumerate(reversed(steps)):
+        try:
+            run.restore(ckpt, step)
+        except checkpoint.CheckpointError as e:
+            aside = run_dir / DAMAGED_DIR / str(step)
+            if jax.process_index() == 0:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                (ckpt.directory / str(step)).rename(aside)
+            ckpt.steps()  # orbax re-reads the directory: that step is gone
+            log(f"[bold red]checkpoint {step} skipped[/bold red] and kept in {aside}: {e}")
+            if i == len(steps) - 1:
+                raise UserError(f"no intact checkpoint in {ckpt.directory}; the damaged ones are kept in {aside.parent}") from None
+            continue
         log(f"resuming {run_dir} after round {run.round} (latest complete checkpoint)")
+        break
     if run.round >= rounds:
         log(f"{run_dir} has already run {run.round} of run.rounds={rounds} rounds; raise run.rounds to continue")
     return run.round
