@@ -88,12 +88,15 @@ class Checkpointer:
         clean_metrics = None
         if metrics is not None:
             clean_metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-            metrics=clean_metrics,
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
+                metrics=clean_metrics,
+                force=True,
+            )
+        except OSError as e:
+            raise CheckpointError(f"cannot save step {step} to {self.directory}: {e.strerror or e}; the last good checkpoint is kept") from None
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is complete on disk."""

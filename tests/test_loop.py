@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from selfplay import checkpoint
 from selfplay.cli import main
-from selfplay.config import ConfigError
+from selfplay.config import ConfigError, UserError
 from selfplay.run.evaluate import EVAL_FILE, SFT_EVAL_FILE
 from selfplay.run.setup import CHECKPOINT_DIR
 from selfplay.run.train import TB_DIR, train
@@ -255,3 +255,23 @@ def test_a_damaged_checkpoint_is_skipped_kept_aside_and_its_round_run_again(prep
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
     _, meta = _final_flat(run)
     assert meta["round"] == 4
+
+
+def test_non_finite_updates_stop_the_run_with_the_last_good_checkpoint_kept(prepared, tmp_path, monkeypatch, capsys):
+    from selfplay.run import round as round_module
+
+    run = _copy(prepared, tmp_path, "nan")
+    train(run, None, ["run.rounds=2", "run.checkpoint_every=1"], progress=False, console=Console(quiet=True))
+    real = round_module.score_rollout
+
+    def nan_scores(critic, rollout, p):  # a critic gone bad: every reward NaN, so every update is skipped
+        scores, raw = real(critic, rollout, p)
+        return scores._replace(rewards_b=scores.rewards_b * float("nan")), raw
+
+    monkeypatch.setattr(round_module, "score_rollout", nan_scores)
+    with pytest.raises(UserError, match=r"round 5: the update was non-finite \(and skipped\) 3 rounds in a row"):
+        train(run, None, ["run.rounds=8", "run.checkpoint_every=10"], progress=False, console=Console(quiet=True))
+    with checkpoint.Checkpointer(run / CHECKPOINT_DIR, read_only=True) as ck:
+        assert ck.latest_step() == 2  # nothing after the last good round was saved
+    assert main(["train", "--run-dir", str(run), "--no-progress", "run.rounds=8", "run.checkpoint_every=10"]) == 2
+    assert "non-finite" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from selfplay.tracking import ProgressBar, Tracker, json_safe
 
 TB_DIR = "tb"
 DAMAGED_DIR = "checkpoints.damaged"
+MAX_NONFINITE_ROUNDS = 3  # rounds in a row whose update was skipped as non-finite before the run stops
 
 
 def train(
@@ -156,12 +157,19 @@ def rounds(
     log(f"[bold]3/3 self-play[/bold]: rounds {run.round + 1}..{rc.rounds}, "
         f"{cfg.actor.prompts_per_round} prompts x {cfg.actor.samples_per_prompt} essays each")
     metrics: dict = {}
+    bad_rounds = 0
     with ProgressBar("round", rc.rounds, completed=run.round, enabled=progress, console=console, remaining=False) as bar:
         for rnd in range(run.round + 1, rc.rounds + 1):
             result = run_round(setup, run, rnd)
             run.round, metrics = rnd, result.metrics
             run.skipped_nonfinite += int(metrics["skipped_nonfinite"])
             metrics["skipped_nonfinite_total"] = run.skipped_nonfinite
+            bad_rounds = bad_rounds + 1 if metrics["skipped_nonfinite"] else 0
+            if bad_rounds >= MAX_NONFINITE_ROUNDS:
+                raise UserError(
+                    f"round {rnd}: the update was non-finite (and skipped) {bad_rounds} rounds in a row; stopping, the last "
+                    f"good checkpoint is kept in {ckpt.directory} (lower learner.lr, or check the rewards)"
+                )
             alarms, alarm_scalars = run.monitor.observe(metrics)
             metrics |= alarm_scalars
             for a in alarms:
@@ -181,8 +189,8 @@ def rounds(
             if rnd % rc.checkpoint_every == 0 or rnd == rc.rounds or stop:
                 try:
                     run.save(ckpt, {best: metrics.get(best, float("nan"))})
-                except checkpoint.CheckpointError as e:
-                    log(f"[bold red]checkpoint skipped[/bold red]: {e}")
+                except checkpoint.CheckpointError as e:  # a state that cannot be saved must not train on unsaved
+                    raise UserError(f"round {rnd}: {e}; stopping") from None
             if stop:
                 log(f"stopping: monitor.stop_on_alarm is set and the {alarms[0].name} alarm fired")
                 return alarms[0].name, metrics
