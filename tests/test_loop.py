@@ -205,8 +205,8 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
     """No world at all: the policy of the run directory, prompts and preference pairs and human examples from JSONL
     files (the shapes TRL uses). The loop trains the critic on the file's pairs, runs its rounds on those prompts
     with the pretraining-data term on those examples, and reports no gold figures (there is no gold grader)."""
-    from selfplay.world import World
     from selfplay.config import load_config
+    from selfplay.world import World
 
     run = tmp_path / "own"
     run.mkdir()
@@ -275,3 +275,23 @@ def test_non_finite_updates_stop_the_run_with_the_last_good_checkpoint_kept(prep
         assert ck.latest_step() == 2  # nothing after the last good round was saved
     assert main(["train", "--run-dir", str(run), "--no-progress", "run.rounds=8", "run.checkpoint_every=10"]) == 2
     assert "non-finite" in capsys.readouterr().err
+
+
+def test_user_files_are_checked_before_any_work(prepared, tmp_path, capsys):
+    run = tmp_path / "files"
+    run.mkdir()
+    shutil.copy(prepared / "tokenizer.json", run / "tokenizer.json")  # a run directory whose policy is yet to come
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "short"}\n\n{"prompt": "' + "a very long prompt " * 40 + '"}\n')
+    common = ["train", "--config", TINY, "--run-dir", str(run), "--no-progress", "critic.label_source=file", "critic.refresh_every=0"]
+    assert main([*common, f"run.prompts_file={prompts}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:3: the prompt has" in err and "largest of actor.prompt_buckets" in err  # lines count from 1
+    human = tmp_path / "human.jsonl"
+    human.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "p"}\n')
+    assert main([*common, f"run.prompts_file={tmp_path / 'nothing.jsonl'}"]) == 2
+    assert "nothing.jsonl: no such file" in capsys.readouterr().err
+    assert main([*common, "actor.too_long_prompt=truncate", f"run.prompts_file={prompts}", f"run.ptx_file={human}",
+                 "learner.ptx_coef=1.0"]) == 2
+    assert f"{human}:2: missing key 'completion'" in capsys.readouterr().err
+    assert not (run / "policy").exists() and not (run / "config.yaml").exists()  # nothing was started

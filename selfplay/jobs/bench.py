@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfplay import actor, critic as C, learner
+from selfplay import actor, learner
+from selfplay import critic as C
 from selfplay.config import ActorConfig, BenchConfig, Config, ConfigError, ModelConfig, UserError, to_dict
 from selfplay.models import transformer
 from selfplay.perf import (

@@ -13,13 +13,14 @@ import jax
 from selfplay import checkpoint, learner, sharding
 from selfplay.actor import Generator
 from selfplay.config import Config, ConfigError, load_config, to_dict
-from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, load_critic
-from selfplay.data import PromptStream
+from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, load_critic, read_preference_file
+from selfplay.data import DataError, PromptStream, read_examples, read_jsonl, read_prompts
 from selfplay.monitors import Monitor
-from selfplay.policy import CONFIG_FILE, load_policy
+from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
 from selfplay.run.round import Setup, Steps, init_learner
 from selfplay.run.state import RunState
 from selfplay.run.task import make_ptx_stream, make_task
+from selfplay.tokenizer import Tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -69,6 +70,29 @@ def start_distributed(run_dir: Path, config_path: str | None, overrides: list[st
     saved = run_dir / CONFIG_FILE
     path = str(saved) if config_path is None and saved.is_file() else config_path
     sharding.initialize_distributed(load_config(path, overrides))
+
+
+def check_inputs(cfg: Config, run_dir: Path) -> None:
+    """Every user file the run will read, read and checked now, before any work (one line naming FILE:LINE, exit 2):
+    run.prompts_file, run.ptx_file, run.pairs_file; with the run's tokenizer already there, each prompt's length
+    against the largest of actor.prompt_buckets (unless actor.too_long_prompt=truncate)."""
+    prompts = read_prompts(cfg.run.prompts_file) if cfg.run.prompts_file else None
+    if cfg.run.ptx_file:
+        read_examples(cfg.run.ptx_file)
+    if cfg.run.pairs_file:
+        read_preference_file(cfg.run.pairs_file)
+    tok_path = run_dir / TOKENIZER_FILE
+    if prompts is None or cfg.actor.too_long_prompt == "truncate" or not tok_path.is_file():
+        return
+    tokenizer, largest = Tokenizer.load(tok_path), max(cfg.actor.prompt_buckets)
+    lines = [r["_line"] for r in read_jsonl(cfg.run.prompts_file, {"prompt": str})]
+    for line, prompt in zip(lines, prompts):
+        n = len(tokenizer.encode_prompt(prompt))
+        if n > largest:
+            raise DataError(
+                f"{cfg.run.prompts_file}:{line}: the prompt has {n} tokens, more than the largest of actor.prompt_buckets "
+                f"({largest}); raise actor.prompt_buckets or set actor.too_long_prompt=truncate (keeps its last tokens)"
+            )
 
 
 def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, RunState]:
