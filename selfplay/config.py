@@ -195,9 +195,12 @@ class CriticConfig:
     uncertainty_coef: float = 1.0  # lambda in mean - lambda * std
     bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training pairs
     label_source: Literal["world", "discriminator", "file"] = "world"  # file: `critic train --pairs FILE.jsonl`
-    # Labels for the whole run. `critic train` spends all of it but the refreshes' reserve,
-    # refresh_budget * (run.rounds // refresh_every).
+    # Labels for the whole run: the initial critic spends `initial_labels`, each refresh `refresh_budget`.
     label_budget: int = 2000
+    # Labels `critic train` spends. 0: all of label_budget but the refreshes' reserve, refresh_budget * (run.rounds //
+    # refresh_every) -- which ties the initial critic to run.rounds, so such a run refuses a run.rounds change on
+    # resume. Set it to extend a run later: then run.rounds (and label_budget) may change on resume.
+    initial_labels: int = 0
     label_noise: float = 0.0
     heldout_fraction: float = 0.1  # share of the labelled pairs kept out of training, for accuracy
     margin: float = 0.0
@@ -225,7 +228,7 @@ class CriticConfig:
             raise ConfigError(f"{prefix}.label_noise must be in [0, 0.5], got {self.label_noise}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"{prefix}.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        for name in ("label_budget", "steps", "refresh_every", "refresh_budget", "refresh_steps", "eval_samples"):
+        for name in ("label_budget", "initial_labels", "steps", "refresh_every", "refresh_budget", "refresh_steps", "eval_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
@@ -505,19 +508,31 @@ def check_critic_init(critic: CriticConfig, model: ModelConfig) -> None:
 
 def label_reserve(cfg: Config) -> int:
     """Labels kept back for the critic refreshes of the whole run: critic.refresh_budget x (run.rounds //
-    critic.refresh_every), 0 without refreshes. `critic train` spends critic.label_budget minus this."""
+    critic.refresh_every), 0 without refreshes."""
     c = cfg.critic
     return c.refresh_budget * (cfg.run.rounds // c.refresh_every) if c.refresh_every else 0
 
 
+def initial_label_count(cfg: Config) -> int:
+    """Labels `critic train` spends: critic.initial_labels, or (0) critic.label_budget minus the refreshes' reserve."""
+    c = cfg.critic
+    return c.initial_labels or c.label_budget - label_reserve(cfg)
+
+
 def check_label_reserve(cfg: Config) -> None:
-    """The refreshes' reserve must leave labels for the initial critic training (whatever critic.label_source)."""
+    """The initial training and the refreshes' reserve must fit critic.label_budget, leaving the initial training
+    some labels (whatever critic.label_source)."""
     c, reserve = cfg.critic, label_reserve(cfg)
+    how = (f"critic.refresh_budget {c.refresh_budget} x run.rounds {cfg.run.rounds} // critic.refresh_every "
+           f"{c.refresh_every} = {reserve}")
+    if c.initial_labels and c.initial_labels + reserve > c.label_budget:
+        raise ConfigError(
+            f"critic.label_budget ({c.label_budget}) is smaller than critic.initial_labels ({c.initial_labels}) plus the "
+            f"refreshes' reserve ({how}): raise critic.label_budget"
+        )
     if reserve and reserve >= c.label_budget:
         raise ConfigError(
-            f"critic.label_budget ({c.label_budget}) leaves nothing for the initial training after the refreshes' reserve "
-            f"(critic.refresh_budget {c.refresh_budget} x run.rounds {cfg.run.rounds} // critic.refresh_every "
-            f"{c.refresh_every} = {reserve})"
+            f"critic.label_budget ({c.label_budget}) leaves nothing for the initial training after the refreshes' reserve ({how})"
         )
 
 

@@ -23,6 +23,7 @@ from selfplay.config import (
     check_ptx_source,
     check_reward_source,
     dump_config,
+    initial_label_count,
     label_reserve,
     load_bench_config,
     load_config,
@@ -287,6 +288,16 @@ def test_label_reserve_is_checked_whatever_the_label_source():
     for source in ("world", "discriminator", "file"):
         with pytest.raises(ConfigError, match="leaves nothing for the initial training"):
             load_config(None, [*over, f"critic.label_source={source}"])
+
+
+def test_stated_initial_labels_fix_the_initial_critic_whatever_run_rounds():
+    base = ["critic.refresh_every=10", "critic.refresh_budget=64", "critic.label_budget=1600"]
+    assert initial_label_count(load_config(None, [*base, "run.rounds=60"])) == 1600 - 64 * 6  # derived from run.rounds
+    assert initial_label_count(load_config(None, [*base, "run.rounds=30"])) == 1600 - 64 * 3
+    stated = [*base, "critic.initial_labels=1216"]
+    assert {initial_label_count(load_config(None, [*stated, f"run.rounds={n}"])) for n in (10, 30, 60)} == {1216}
+    with pytest.raises(ConfigError, match=r"critic.label_budget \(1600\) is smaller than critic.initial_labels \(1216\) plus"):
+        load_config(None, [*stated, "run.rounds=70"])
 
 
 def test_cross_section_checks_take_sections_directly():
