@@ -261,6 +261,7 @@ class LearnerConfig:
     loss_agg: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     loss_agg_constant: float = 0.0  # Dr. GRPO's normaliser for loss_agg=constant; 0: the loss arrays' token width T
     std_normalize: bool = True  # GRPO's division by the group std (Dr. GRPO: false)
+    std_ddof: int = 0  # GRPO's group std divides by G - std_ddof: 0 population std (ours), 1 sample std (TRL, Tunix)
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # ppo's token reward is k1 by definition
     kl_in_reward: bool = False  # grpo/rloo: subtract beta * sum_t KL_t from the reward instead of a loss term
@@ -290,6 +291,8 @@ class LearnerConfig:
                       unit=("gamma", "lam"))
         if self.max_grad_norm <= 0:
             raise ConfigError(f"{prefix}.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.std_ddof not in (0, 1):
+            raise ConfigError(f"{prefix}.std_ddof must be 0 (population std) or 1 (sample std, as TRL and Tunix), got {self.std_ddof}")
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
             raise ConfigError(f"{prefix}.kl_target and {prefix}.kl_horizon must be > 0 with {prefix}.adaptive_kl")
         if self.ptx_coef < 0:
@@ -463,6 +466,7 @@ class Config:
         check_critic_init(self.critic, self.model)
         check_label_reserve(self)
         check_batch_minibatches(self.actor, self.learner)
+        check_group_std(self.actor, self.learner)
         check_reward_source(self.run)
         check_ptx_source(self.learner, self.run)
         return self
@@ -528,6 +532,14 @@ def check_batch_minibatches(actor: ActorConfig, learner: LearnerConfig) -> None:
         raise ConfigError(
             f"actor.prompts_per_round x actor.samples_per_prompt ({rows}) "
             f"must be divisible by learner.minibatches ({learner.minibatches})"
+        )
+
+
+def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
+    """GRPO's sample std (learner.std_ddof=1) of a group of one essay divides by zero."""
+    if learner.algorithm == "grpo" and learner.std_normalize and actor.samples_per_prompt <= learner.std_ddof:
+        raise ConfigError(
+            f"learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got {actor.samples_per_prompt}"
         )
 
 
