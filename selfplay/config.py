@@ -1,4 +1,4 @@
-"""The typed config tree (model, actor, critic, learner, world, pretrain, monitor, run, mesh; bench apart), its strict
+"""The typed config tree (model, actor, critic, learner, reward, world, pretrain, monitor, run, mesh; bench apart), its strict
 loader (YAML files that may extend a `base:` file, plus dotted overrides) and every check of a config's values.
 
 Unknown keys, wrong types, bad YAML and inconsistent values are `ConfigError`s naming the culprit (dotted key, expected
@@ -303,6 +303,44 @@ class LearnerConfig:
             )
 
 
+# "package.module:function" (dotted module path, a colon, then the attribute: TRL users' own reward functions)
+REWARD_FN_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """What the learner maximises: critic_weight x the critic's (normalised) score + sum_i weights[i] x fns[i]'s reward.
+
+    Each of `fns` is "package.module:function", importable where the run starts, with TRL's signature
+    `fn(prompts, completions, **columns) -> list[float | None]`: prompts and completions are the batch's texts (a
+    conversational prompt rendered with the chat template, as the policy saw it), columns the prompts file's other
+    keys as lists aligned with them. None means "does not apply": left out of that function's mean, 0 in the sum.
+    Imports are checked before any work (selfplay.rewards). With run.reward_source=gold the gold grader takes the
+    critic's place in the sum.
+    """
+
+    critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (it is still logged)
+    fns: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # one per fn; empty: 1.0 each
+
+    def validate(self, prefix: str) -> None:
+        if self.critic_weight < 0:
+            raise ConfigError(f"{prefix}.critic_weight must be >= 0, got {self.critic_weight}")
+        for i, ref in enumerate(self.fns):
+            if not REWARD_FN_PATTERN.match(ref):
+                raise ConfigError(f"{prefix}.fns[{i}]: expected 'package.module:function', got {ref!r}")
+        if self.weights and len(self.weights) != len(self.fns):
+            raise ConfigError(
+                f"{prefix}.weights has {len(self.weights)} entries for {len(self.fns)} {prefix}.fns (give one per fn, or none for 1.0 each)"
+            )
+        if not self.fns and self.critic_weight == 0:
+            raise ConfigError(f"{prefix}.critic_weight=0 without {prefix}.fns leaves nothing to reward")
+
+    @property
+    def resolved_weights(self) -> tuple[float, ...]:
+        return self.weights or (1.0,) * len(self.fns)
+
+
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
     """Alarms for over-optimisation (proxy up, gold down), KL growth and diversity collapse."""
@@ -331,7 +369,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     eval_prompts: int = 64  # held-out prompts of the final SFT-vs-trained table (two essays each)
     train_prompts: int = 4096  # size of the world's training-prompt pool the rounds cycle through
-    prompts_file: str = ""  # JSONL of {"prompt": ...}: train on these instead of the world's prompts (no gold grader)
+    # JSONL of {"prompt": "..."} or TRL's conversational {"prompt": [{"role": ..., "content": ...}, ...]} (rendered with
+    # RUN_DIR/tokenizer_config.json's chat_template): train on these instead of the world's prompts (no gold grader).
+    # A line's other keys (e.g. "answer") reach the reward.fns as columns.
+    prompts_file: str = ""
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
     reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
     ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
@@ -450,6 +491,7 @@ class Config:
     actor: ActorConfig = ActorConfig()
     critic: CriticConfig = CriticConfig()
     learner: LearnerConfig = LearnerConfig()
+    reward: RewardConfig = RewardConfig()
     world: WorldConfig = WorldConfig()
     pretrain: PretrainConfig = PretrainConfig()
     monitor: MonitorConfig = MonitorConfig()
