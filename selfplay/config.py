@@ -316,7 +316,8 @@ class RewardConfig:
     conversational prompt rendered with the chat template, as the policy saw it), columns the prompts file's other
     keys as lists aligned with them. None means "does not apply": left out of that function's mean, 0 in the sum.
     Imports are checked before any work (selfplay.rewards). With run.reward_source=gold the gold grader takes the
-    critic's place in the sum.
+    critic's place in the sum. With fns or critic_weight != 1, `reward/mean` and `reward/std` report the total (TRL's
+    `reward`), `reward/critic_mean` and `/std` the critic's score, `rewards/<fn name>/mean` and `/std` each function's.
     """
 
     critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (it is still logged)

@@ -118,9 +118,14 @@ class Rewards:
         fn_sum_b = np.nansum(w_f[:, None] * r_fb, axis=0) if self.fns else 0.0
         return (self.critic_weight * np.asarray(base_b, np.float64) + fn_sum_b).astype(np.float32)
 
-    def metrics(self, r_fb: np.ndarray, total_b: np.ndarray) -> dict[str, float]:
-        """`rewards/<name>/mean` and `/std` over the rows the function applied to (NaN when none), the total's."""
-        out: dict[str, float] = {"reward/total_mean": float(total_b.mean()), "reward/total_std": float(total_b.std())}
+    def metrics(self, critic_b: np.ndarray, r_fb: np.ndarray, total_b: np.ndarray) -> dict[str, float]:
+        """TRL's figures: `reward/mean` and `/std` of the total reward the learner maximised (the critic's own move to
+        `reward/critic_mean` and `/std`), `rewards/<name>/mean` and `/std` over the rows each function applied to
+        (NaN when none)."""
+        out = {
+            "reward/mean": float(total_b.mean()), "reward/std": float(total_b.std()),
+            "reward/critic_mean": float(critic_b.mean()), "reward/critic_std": float(critic_b.std()),
+        }  # fmt: skip
         for f, r in zip(self.fns, r_fb):
             applied = r[~np.isnan(r)]
             out[f"rewards/{f.name}/mean"] = float(applied.mean()) if applied.size else float("nan")

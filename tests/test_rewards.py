@@ -42,12 +42,12 @@ def test_trl_signature_columns_none_and_weights():
     critic_b = np.array([1.0, -1.0, 0.0, 2.0], np.float32)
     total = rewards.total(critic_b, r_fb)
     np.testing.assert_allclose(total, 0.5 * critic_b + [2.0 - 0.07, 0.0 - 0.02, 0.0 - 0.5, 0.0 - 0.01], rtol=1e-6)
-    m = rewards.metrics(r_fb, total)
+    m = rewards.metrics(critic_b, r_fb, total)
     assert m["rewards/answer_match/mean"] == 0.5 and m["rewards/answer_match/std"] == 0.5  # two rows applied
     assert m["rewards/length_reward/mean"] == pytest.approx(0.15)
-    assert m["reward/total_mean"] == pytest.approx(float(total.mean()))
+    assert m["reward/mean"] == pytest.approx(float(total.mean())) and m["reward/critic_mean"] == 0.5
     none_apply = rewards.call(prompts, completions, {"answer": [None] * 4}, rnd=3)
-    assert math.isnan(rewards.metrics(none_apply, total)["rewards/answer_match/mean"])
+    assert math.isnan(rewards.metrics(critic_b, none_apply, total)["rewards/answer_match/mean"])
     assert rewards.total(critic_b, none_apply)[0] == pytest.approx(0.5 - 0.07)  # None adds 0 (TRL's nansum)
 
 
@@ -161,7 +161,7 @@ def test_reward_functions_in_a_run_see_the_policys_text_and_the_columns(prepared
     lengths = [len(c) / 100 for c in call["completions"]]
     assert m["rewards/length_reward/mean"] == pytest.approx(np.mean(lengths))
     fn_sum = np.mean([2.0 * (a is not None and a in c) - n for a, c, n in zip(call["answer"], call["completions"], lengths)])
-    assert m["reward/total_mean"] == pytest.approx(0.5 * m["reward/mean"] + fn_sum, abs=1e-5)
+    assert m["reward/mean"] == pytest.approx(0.5 * m["reward/critic_mean"] + fn_sum, abs=1e-5)  # what the learner maximised
 
 
 @pytest.mark.parametrize("fn", ["failing_raises", "failing_length", "failing_nan"])

@@ -148,11 +148,10 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
     grades = task.grades(rep, essays)
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
-    reward_metrics: dict[str, float] = {}
+    r_fb = total_b = None
     if not setup.rewards.critic_only:  # a failing reward function stops the round here, before the update
         r_fb = sw("timing/reward_fns", setup.rewards.call, rep, essays, task.columns(idx, g), rnd)
         total_b = setup.rewards.total(sharding.to_host(train_rewards), r_fb)
-        reward_metrics = setup.rewards.metrics(r_fb, total_b)
         train_rewards = steps.place_batch(total_b)
 
     def update() -> dict:
@@ -166,7 +165,9 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         metrics |= sw("timing/critic", refresh, run.critic, run.learner.params, setup.refresh_source)
 
     r, raw, mask, eos_b = sharding.to_host((rewards_b, raw_b, rollout.completion_mask_bl, rollout.eos_b))
-    metrics |= measure(r, raw, mask, eos_b, essays, grades, g) | reward_metrics
+    metrics |= measure(r, raw, mask, eos_b, essays, grades, g)
+    if r_fb is not None:
+        metrics |= setup.rewards.metrics(r, r_fb, total_b)
     timing = sw.last()
     timing["perf/step_time"] = time.perf_counter() - t_round
     metrics |= timing
