@@ -81,9 +81,15 @@ def read_jsonl(
     return rows
 
 
+RESERVED_PROMPT_KEYS = ("prompts", "completions")  # the reward functions' own arguments
+
+
 def _prompt_problem(row: dict) -> str | None:
-    """Why `row["prompt"]` is neither a non-empty string nor TRL's conversational format, a non-empty list of
-    {"role": str, "content": str} messages; None when it is one of them."""
+    """Why `row` is not a prompt: a column named like a reward function's argument, or a "prompt" that is neither a
+    non-empty string nor TRL's conversational format, a non-empty list of {"role": str, "content": str} messages."""
+    reserved = [k for k in RESERVED_PROMPT_KEYS if k in row]
+    if reserved:
+        return f"'{reserved[0]}' cannot be a column: reward functions receive the batch's {reserved[0]} under that name"
     prompt = row["prompt"]
     if isinstance(prompt, str):
         return None if prompt.strip() else "'prompt' is empty"

@@ -25,6 +25,7 @@ def test_read_prompts_and_line_numbers(tmp_path):
         ('{"prompt": []}\n', ":1: 'prompt' is an empty conversation"),
         ('{"prompt": [{"role": "user"}]}\n', ":1: 'prompt' message 1 must be an object with string 'role' and 'content'"),
         ('{"prompt": "  "}\n', ":1: 'prompt' is empty"),
+        ('{"prompt": "a", "completions": 1}\n', ":1: 'completions' cannot be a column: reward functions receive the batch's"),
         ("\n\n", ": no prompts"),
     ],
 )
