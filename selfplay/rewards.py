@@ -113,10 +113,12 @@ class Rewards:
         return out
 
     def total(self, base_b: np.ndarray, r_fb: np.ndarray) -> np.ndarray:
-        """critic_weight x base + sum_i weight_i x r_i, None (NaN) counting 0 (TRL's nansum). float32 [B]."""
+        """critic_weight x base + sum_i weight_i x r_i, None (NaN) counting 0 (TRL's nansum). float32 [B]. With
+        critic_weight 0 the base is left out, so a non-finite critic score cannot reach the learner."""
         w_f = np.array([f.weight for f in self.fns], np.float64)
-        fn_sum_b = np.nansum(w_f[:, None] * r_fb, axis=0) if self.fns else 0.0
-        return (self.critic_weight * np.asarray(base_b, np.float64) + fn_sum_b).astype(np.float32)
+        fn_sum_b = np.nansum(w_f[:, None] * r_fb, axis=0) if self.fns else np.zeros(len(base_b))
+        base = self.critic_weight * np.asarray(base_b, np.float64) if self.critic_weight else 0.0
+        return (base + fn_sum_b).astype(np.float32)
 
     def metrics(self, critic_b: np.ndarray, r_fb: np.ndarray, total_b: np.ndarray) -> dict[str, float]:
         """TRL's figures: `reward/mean` and `/std` of the total reward the learner maximised (the critic's own move to

@@ -49,6 +49,8 @@ def test_trl_signature_columns_none_and_weights():
     none_apply = rewards.call(prompts, completions, {"answer": [None] * 4}, rnd=3)
     assert math.isnan(rewards.metrics(critic_b, none_apply, total)["rewards/answer_match/mean"])
     assert rewards.total(critic_b, none_apply)[0] == pytest.approx(0.5 - 0.07)  # None adds 0 (TRL's nansum)
+    fns_only = Rewards(RewardConfig(critic_weight=0.0, fns=("toy_rewards:length_reward",)))
+    np.testing.assert_allclose(fns_only.total(np.full(4, np.nan, np.float32), r_fb[1:]), r_fb[1], rtol=1e-6)  # no critic
 
 
 def test_default_is_the_critic_alone():
