@@ -1,4 +1,4 @@
-"""The typed config tree (model, actor, critic, learner, world, pretrain, monitor, run, mesh; bench apart), its strict
+"""The typed config tree (model, actor, critic, learner, reward, world, pretrain, monitor, run, mesh; bench apart), its strict
 loader (YAML files that may extend a `base:` file, plus dotted overrides) and every check of a config's values.
 
 Unknown keys, wrong types, bad YAML and inconsistent values are `ConfigError`s naming the culprit (dotted key, expected
@@ -264,6 +264,7 @@ class LearnerConfig:
     loss_agg: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     loss_agg_constant: float = 0.0  # Dr. GRPO's normaliser for loss_agg=constant; 0: the loss arrays' token width T
     std_normalize: bool = True  # GRPO's division by the group std (Dr. GRPO: false)
+    std_ddof: int = 0  # GRPO's group std divides by G - std_ddof: 0 population std (ours), 1 sample std (TRL, Tunix)
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # ppo's token reward is k1 by definition
     kl_in_reward: bool = False  # grpo/rloo: subtract beta * sum_t KL_t from the reward instead of a loss term
@@ -293,6 +294,8 @@ class LearnerConfig:
                       unit=("gamma", "lam"))
         if self.max_grad_norm <= 0:
             raise ConfigError(f"{prefix}.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.std_ddof not in (0, 1):
+            raise ConfigError(f"{prefix}.std_ddof must be 0 (population std) or 1 (sample std, as TRL and Tunix), got {self.std_ddof}")
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
             raise ConfigError(f"{prefix}.kl_target and {prefix}.kl_horizon must be > 0 with {prefix}.adaptive_kl")
         if self.ptx_coef < 0:
@@ -301,6 +304,45 @@ class LearnerConfig:
             raise ConfigError(
                 f"{prefix}.ptx_batch ({self.ptx_batch}) must be a positive multiple of {prefix}.minibatches ({self.minibatches})"
             )
+
+
+# "package.module:function" (dotted module path, a colon, then the attribute: TRL users' own reward functions)
+REWARD_FN_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """What the learner maximises: critic_weight x the critic's (normalised) score + sum_i weights[i] x fns[i]'s reward.
+
+    Each of `fns` is "package.module:function", importable where the run starts, with TRL's signature
+    `fn(prompts, completions, **columns) -> list[float | None]`: prompts and completions are the batch's texts (a
+    conversational prompt rendered with the chat template, as the policy saw it), columns the prompts file's other
+    keys as lists aligned with them. None means "does not apply": left out of that function's mean, 0 in the sum.
+    Imports are checked before any work (selfplay.rewards). With run.reward_source=gold the gold grader takes the
+    critic's place in the sum. With fns or critic_weight != 1, `reward/mean` and `reward/std` report the total (TRL's
+    `reward`), `reward/critic_mean` and `/std` the critic's score, `rewards/<fn name>/mean` and `/std` each function's.
+    """
+
+    critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (it is still logged)
+    fns: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # one per fn; empty: 1.0 each
+
+    def validate(self, prefix: str) -> None:
+        if self.critic_weight < 0:
+            raise ConfigError(f"{prefix}.critic_weight must be >= 0, got {self.critic_weight}")
+        for i, ref in enumerate(self.fns):
+            if not REWARD_FN_PATTERN.match(ref):
+                raise ConfigError(f"{prefix}.fns[{i}]: expected 'package.module:function', got {ref!r}")
+        if self.weights and len(self.weights) != len(self.fns):
+            raise ConfigError(
+                f"{prefix}.weights has {len(self.weights)} entries for {len(self.fns)} {prefix}.fns (give one per fn, or none for 1.0 each)"
+            )
+        if not self.fns and self.critic_weight == 0:
+            raise ConfigError(f"{prefix}.critic_weight=0 without {prefix}.fns leaves nothing to reward")
+
+    @property
+    def resolved_weights(self) -> tuple[float, ...]:
+        return self.weights or (1.0,) * len(self.fns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +373,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     eval_prompts: int = 64  # held-out prompts of the final SFT-vs-trained table (two essays each)
     train_prompts: int = 4096  # size of the world's training-prompt pool the rounds cycle through
-    prompts_file: str = ""  # JSONL of {"prompt": ...}: train on these instead of the world's prompts (no gold grader)
+    # JSONL of {"prompt": "..."} or TRL's conversational {"prompt": [{"role": ..., "content": ...}, ...]} (rendered with
+    # RUN_DIR/tokenizer_config.json's chat_template): train on these instead of the world's prompts (no gold grader).
+    # A line's other keys (e.g. "answer") reach the reward.fns as columns.
+    prompts_file: str = ""
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
     reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
     ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
@@ -450,6 +495,7 @@ class Config:
     actor: ActorConfig = ActorConfig()
     critic: CriticConfig = CriticConfig()
     learner: LearnerConfig = LearnerConfig()
+    reward: RewardConfig = RewardConfig()
     world: WorldConfig = WorldConfig()
     pretrain: PretrainConfig = PretrainConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -466,6 +512,7 @@ class Config:
         check_critic_init(self.critic, self.model)
         check_label_reserve(self)
         check_batch_minibatches(self.actor, self.learner)
+        check_group_std(self.actor, self.learner)
         check_reward_source(self.run)
         check_ptx_source(self.learner, self.run)
         return self
@@ -543,6 +590,14 @@ def check_batch_minibatches(actor: ActorConfig, learner: LearnerConfig) -> None:
         raise ConfigError(
             f"actor.prompts_per_round x actor.samples_per_prompt ({rows}) "
             f"must be divisible by learner.minibatches ({learner.minibatches})"
+        )
+
+
+def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
+    """GRPO's sample std (learner.std_ddof=1) of a group of one essay divides by zero."""
+    if learner.algorithm == "grpo" and learner.std_normalize and actor.samples_per_prompt <= learner.std_ddof:
+        raise ConfigError(
+            f"learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got {actor.samples_per_prompt}"
         )
 
 

@@ -265,6 +265,8 @@ def test_load_config_checks_then_ignores_the_bench_section(tmp_path):
          ["critic.refresh_every=4", "critic.refresh_budget=199", "run.rounds=40"],
          "critic.label_budget (2000) leaves nothing for the initial training after the refreshes' reserve "
          "(critic.refresh_budget 200 x run.rounds 40 // critic.refresh_every 4 = 2000)"),
+        (["learner.std_ddof=1", "actor.samples_per_prompt=1"], ["learner.std_ddof=1", "actor.samples_per_prompt=2"],
+         "learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got 1"),
         (["learner.minibatches=3"], ["learner.minibatches=4"],
          "actor.prompts_per_round x actor.samples_per_prompt (64) must be divisible by learner.minibatches (3)"),
         (["run.reward_source=gold", "run.prompts_file=p.jsonl"], ["run.reward_source=gold"],
@@ -348,6 +350,7 @@ def test_validate_after_dataclasses_replace():
         (dict(ptx_coef=-0.1), "sec.ptx_coef must be >= 0, got -0.1"),
         (dict(ptx_coef=1.0, ptx_batch=3, minibatches=2), "sec.ptx_batch (3) must be a positive multiple of sec.minibatches (2)"),
         (dict(ptx_coef=1.0, ptx_batch=0), "sec.ptx_batch (0) must be a positive multiple of sec.minibatches (1)"),
+        (dict(std_ddof=2), "sec.std_ddof must be 0 (population std) or 1 (sample std, as TRL and Tunix), got 2"),
     ],
 )
 def test_learner_config_validate(fields, expected):
@@ -355,7 +358,7 @@ def test_learner_config_validate(fields, expected):
         LearnerConfig(**fields).validate("sec")
     assert str(e.value) == expected
     LearnerConfig(**{**fields, **dict(epochs=1, minibatches=1, grad_accum=1, max_grad_norm=1.0, adaptive_kl=False,
-                                      ptx_coef=0.0)}).validate("sec")  # fmt: skip
+                                      ptx_coef=0.0, std_ddof=1)}).validate("sec")  # fmt: skip
 
 
 def test_learner_checks_run_when_the_config_loads_and_in_the_learner():

@@ -14,11 +14,13 @@ import jax
 
 from selfplay import checkpoint, learner, perf, sharding
 from selfplay.actor import Generator
+from selfplay.chat import load_chat_template
 from selfplay.config import Config, ConfigError, ModelConfig, UserError, initial_label_count, load_config, to_dict
 from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, load_critic, read_preference_file
-from selfplay.data import DataError, PromptStream, read_examples, read_jsonl, read_prompts
+from selfplay.data import DataError, PromptStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.monitors import Monitor
 from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
+from selfplay.rewards import Rewards, load_reward_fns
 from selfplay.run.round import Setup, Steps, init_learner
 from selfplay.run.state import RunState
 from selfplay.run.task import make_ptx_stream, make_task
@@ -101,24 +103,26 @@ def start_distributed(run_dir: Path, config_path: str | None, overrides: list[st
 
 
 def check_inputs(cfg: Config, run_dir: Path) -> None:
-    """Every user file the run will read, read and checked now, before any work (one line naming FILE:LINE, exit 2):
-    run.prompts_file, run.ptx_file, run.pairs_file; with the run's tokenizer already there, each prompt's length
-    against the largest of actor.prompt_buckets (unless actor.too_long_prompt=truncate)."""
-    prompts = read_prompts(cfg.run.prompts_file) if cfg.run.prompts_file else None
+    """Every user file the run will read, read and checked now, before any work (one line naming FILE:LINE or the
+    config key, exit 2): run.prompts_file (conversations rendered with RUN_DIR's chat template), run.ptx_file,
+    run.pairs_file, the reward.fns importable; with the run's tokenizer already there, each prompt's length against
+    the largest of actor.prompt_buckets (unless actor.too_long_prompt=truncate)."""
+    load_reward_fns(cfg.reward)
+    rows = read_prompt_rows(cfg.run.prompts_file) if cfg.run.prompts_file else []
+    prompts = prompt_texts(rows, load_chat_template(run_dir), cfg.run.prompts_file) if rows else []
     if cfg.run.ptx_file:
         read_examples(cfg.run.ptx_file)
     if cfg.run.pairs_file:
         read_preference_file(cfg.run.pairs_file)
     tok_path = run_dir / TOKENIZER_FILE
-    if prompts is None or cfg.actor.too_long_prompt == "truncate" or not tok_path.is_file():
+    if not rows or cfg.actor.too_long_prompt == "truncate" or not tok_path.is_file():
         return
     tokenizer, largest = Tokenizer.load(tok_path), max(cfg.actor.prompt_buckets)
-    lines = [r["_line"] for r in read_jsonl(cfg.run.prompts_file, {"prompt": str})]
-    for line, prompt in zip(lines, prompts):
+    for row, prompt in zip(rows, prompts):
         n = len(tokenizer.encode_prompt(prompt))
         if n > largest:
             raise DataError(
-                f"{cfg.run.prompts_file}:{line}: the prompt has {n} tokens, more than the largest of actor.prompt_buckets "
+                f"{cfg.run.prompts_file}:{row['_line']}: the prompt has {n} tokens, more than the largest of actor.prompt_buckets "
                 f"({largest}); raise actor.prompt_buckets or set actor.too_long_prompt=truncate (keeps its last tokens)"
             )
 
@@ -156,7 +160,7 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
     """The run's pieces from a run directory holding a policy and a critic, and the state of round 0: the policy and
     its frozen reference read into their shards, the learner state and the critic placed on the mesh."""
     policy = load_policy(run_dir, cfg, layout=layout)
-    task = make_task(cfg)
+    task = make_task(cfg, run_dir)
     critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
     refresh_source = None
     if cfg.critic.refresh_every and task.world is not None and cfg.critic.label_source != "file":
@@ -166,7 +170,7 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
     state, value_graphdef = init_learner(cfg, policy.params, optimizer, layout)
     steps = Steps(cfg, policy.graphdef, optimizer, value_graphdef, layout)
     gen = Generator(policy, cfg.actor, batch=cfg.actor.prompts_per_round, layout=layout)
-    setup = Setup(cfg, task, gen, steps, policy.params, refresh_source)
+    setup = Setup(cfg, task, gen, steps, policy.params, refresh_source, Rewards(cfg.reward))
     run = RunState(
         learner=state,
         critic=critic,
