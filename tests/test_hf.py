@@ -175,7 +175,9 @@ def test_bfloat16_safetensors_load_exactly(tmp_path):
 def test_export_then_import_is_exact(tmp_path, name, arch):
     cfg, params, tok = hf.load_hf(FIXTURES / name)
     hf.save_hf(tmp_path / "out", cfg, params, tok, arch)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]
     cfg2, params2, tok2 = hf.load_hf(tmp_path / "out")
     assert cfg2 == cfg
     assert tok2.tk.to_str() == tok.tk.to_str()
