@@ -78,7 +78,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from selfplay.jobs import export
 
     step = export.export_hf(args.run_dir, args.out_dir, args.checkpoint)
-    print(f"exported {'the SFT policy' if step is None else f'round {step}'} of {args.run_dir} to {args.out_dir}")
+    print(f"exported {f'round {step}' if step else 'the SFT policy'} of {args.run_dir} to {args.out_dir}")
     return 0
 
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export-hf", help="write RUN_DIR's policy (latest round, else SFT) as a Hugging Face checkpoint in OUT_DIR")
     exp.add_argument("run_dir", help="a run directory (from pretrain, import-hf or train)")
     exp.add_argument("out_dir", help="a new or empty directory")
-    exp.add_argument("--checkpoint", type=int, default=None, help="round to export (default: the latest saved, else the SFT policy)")
+    exp.add_argument("--checkpoint", type=int, default=None, help="round to export, 0: the SFT policy (default: the latest saved round, else the SFT policy)")
     exp.set_defaults(fn=_cmd_export_hf)
 
     bn = sub.add_parser("bench", help="throughput benchmarks: one JSON line with the figure and its ratio to the roofline")

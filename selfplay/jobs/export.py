@@ -1,8 +1,9 @@
 """`selfplay export-hf`: a run's policy (the SFT or imported one, or a saved round's) as a directory transformers loads
 unchanged; written into a temporary sibling and renamed into place, so a killed export leaves nothing half-written.
 
-Which params: `step` N is round N's learner params (RUN_DIR/checkpoints/N); without it, the latest saved round when
-the run has one, else the SFT/imported policy (RUN_DIR/policy/).
+Which params: `step` N >= 1 is round N's learner params (RUN_DIR/checkpoints/N, read without the rest of the RunState);
+0 is the SFT/imported policy (RUN_DIR/policy/), which no round saves as 0; None is the latest saved round when the run
+has one, else the SFT/imported policy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from selfplay.run.setup import CHECKPOINT_DIR
 from selfplay.tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
 
 
-def round_params(run_dir: Path, cfg: Config, step: int | None) -> tuple[int, nnx.State]:
+def round_params(run_dir: Path, cfg: Config, step: int | None = None) -> tuple[int, nnx.State]:
     """(step, the learner's params at round `step`, default the latest) read alone from the run's checkpoints."""
     _, abstract = abstract_params(cfg)
     target = {"learner": {"params": abstract}}  # flattens to the RunState checkpoint's own paths
@@ -39,11 +40,11 @@ def _optional_json(path: Path) -> dict | None:
 def export_hf(
     run_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None, *,
     max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
-) -> int | None:
+) -> int:
     """Write the policy of `run_dir` (see the module docstring) to the new or empty `out_dir` with `hf.save_hf`; an
     imported run gives back its checkpoint's config.json, generation and tokenizer configs with their fields kept, a
-    pretrained one is a LlamaForCausalLM (Qwen2ForCausalLM with attention biases). Returns the round exported, None
-    for the SFT policy."""
+    pretrained one is a LlamaForCausalLM (Qwen2ForCausalLM with attention biases). Returns the round exported, 0 for
+    the SFT policy."""
     run, out = Path(run_dir), Path(out_dir)
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
@@ -54,6 +55,8 @@ def export_hf(
         raise UserError(f"{run} has no policy ({run / POLICY_DIR}, {run / TOKENIZER_FILE}); run `selfplay pretrain` or `selfplay import-hf`")
     tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
     if step is None and not checkpoint.has_checkpoint(run / CHECKPOINT_DIR):
+        step = 0
+    if step == 0:
         params = load_policy(run, cfg).params
     else:
         step, params = round_params(run, cfg, step)
