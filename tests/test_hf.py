@@ -347,6 +347,20 @@ def test_eos_from_config_json_int_even_without_a_known_eos_name(tmp_path):
     _bare_tokenizer(d)
     _, _, tok = hf.load_hf(d)
     assert tok.eos_ids == (V - 1,) and tok.eos_id == V - 1 and tok.bos_id == 3 and tok.pad_id == V - 1
+    # Text decoding drops every EOS id, a plain word declared as one too (w5 is no special token).
+    from types import SimpleNamespace
+
+    from selfplay.actor import Generator
+    from selfplay.types import Rollout
+
+    (d / "config.json").write_text(json.dumps(_hf_config(bos_token_id=3, eos_token_id=[V - 1, 5])))
+    _, _, tok = hf.load_hf(d)
+    assert tok.eos_ids == (V - 1, 5)
+    tokens = np.array([[3, 8, 7, 5, V - 1], [3, 8, 7, V - 1, 0]])
+    mask = np.array([[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]], np.float32)
+    rollout = Rollout(tokens_bl=tokens, prompt_len_b=np.array([2, 2]), completion_mask_bl=mask, logprobs_bl=mask, eos_b=np.ones(2, bool))
+    assert Generator.completions(SimpleNamespace(policy=SimpleNamespace(tokenizer=tok)), rollout, 2) == ["w7", "w7"]
+
     (d / "config.json").write_text(json.dumps(_hf_config(bos_token_id=3)))  # no file gives one: one line naming the file
     with pytest.raises(UserError, match=rf"^{d / 'tokenizer.json'}: no eos token: none of generation_config.json, config.json, tokenizer_config.json") as err:
         hf.load_hf(d)
