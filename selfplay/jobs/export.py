@@ -8,7 +8,6 @@ has one, else the SFT/imported policy.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ def round_params(run_dir: Path, cfg: Config, step: int | None = None) -> tuple[i
 
 
 def _optional_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return hf.read_json(path) if path.is_file() else None
 
 
 def export_hf(

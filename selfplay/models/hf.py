@@ -1,6 +1,7 @@
 """Hugging Face checkpoints in and out (config.json + safetensors + tokenizer files + generation_config.json), and
 `import_hf`, which turns one into a run directory's initial policy (config.yaml, tokenizer.json, orbax params under
-policy/, and the files export needs to give the checkpoint back unchanged: `RUN_FILES`).
+policy/, and the files export needs to give the checkpoint back unchanged: hf_config.json, generation_config.json,
+tokenizer_config.json).
 Over 400 lines because each refused field of a foreign checkpoint gets its own one-line check and message here.
 
 Architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases). Weights map onto the
@@ -21,7 +22,8 @@ Special ids (bos, eos, pad) come from the checkpoint's generation_config.json, c
 
 Decided, not refused: an active sliding window (Mistral `sliding_window`; Qwen2 `use_sliding_window` with
 sliding layers) caps `max_seq_len` at the window, since no sequence that fits in the window attends
-differently; `pretraining_tp` only splits HF's matmuls, so it is accepted.
+differently (export writes the window back: it keeps the imported config.json); `pretraining_tp` only splits HF's
+matmuls, so it is accepted.
 
 Dtypes: params are bfloat16 when every stored tensor is bfloat16, else float32 (float16 widens exactly);
 `compute_dtype` follows `param_dtype`, as HF computes in the dtype it loads. `config.json`'s dtype field is
@@ -60,7 +62,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers save a c
 # In a run directory made by import_hf: the source's config.json (every field, for export), generation_config.json
 # with the special ids the run uses, tokenizer_config.json (with the chat template when the source has one).
 HF_CONFIG_FILE = "hf_config.json"
-RUN_FILES = (HF_CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE)
 DEFAULT_MAX_SHARD_BYTES = 50 * 1000**3  # transformers' save_pretrained default max_shard_size, "50GB"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -390,7 +391,8 @@ class _Weights:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file; a UserError naming the file (and line) when it is unreadable or not an object."""
     try:
         hf = json.loads(path.read_text())
     except OSError as e:
@@ -406,7 +408,7 @@ def _load(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer, dic
     src = Path(src_dir)
     if not src.is_dir():
         raise UserError(f"{src} is not a directory (a Hugging Face checkpoint: {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
-    hf = _read_json(src / CONFIG_FILE)
+    hf = read_json(src / CONFIG_FILE)
     if not (src / TOKENIZER_FILE).is_file():
         raise UserError(f"{src}: {TOKENIZER_FILE} is missing (a tokenizer in another format must be converted first)")
     tokenizer = Tokenizer.load(src / TOKENIZER_FILE)
@@ -598,8 +600,8 @@ def import_hf(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     src = Path(src_dir)
     model_cfg, params, tokenizer, hf = _load(src)
     cfg = dataclasses.replace(Config(), model=model_cfg, actor=fit_actor(ActorConfig(), model_cfg)).validate()
-    source_tc = _read_json(src / TOKENIZER_CONFIG_FILE) if (src / TOKENIZER_CONFIG_FILE).is_file() else None
-    source_gc = _read_json(src / GENERATION_CONFIG_FILE) if (src / GENERATION_CONFIG_FILE).is_file() else None
+    source_tc = read_json(src / TOKENIZER_CONFIG_FILE) if (src / TOKENIZER_CONFIG_FILE).is_file() else None
+    source_gc = read_json(src / GENERATION_CONFIG_FILE) if (src / GENERATION_CONFIG_FILE).is_file() else None
     # Before the policy: a run directory with a policy is complete, and its special ids must already be there.
     run.mkdir(parents=True, exist_ok=True)
     _write_json(run / HF_CONFIG_FILE, hf)
