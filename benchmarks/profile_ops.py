@@ -87,7 +87,7 @@ def build(which: str, cfg, bcfg):
     n, g = bench._group(b, cfg.actor.samples_per_prompt)
     prompts_bp, len_n, _ = bench.synthetic_prompts(cfg, bcfg, n, new, cfg.run.seed)
     actor_cfg = dataclasses.replace(cfg.actor, max_new_tokens=new)
-    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_id=bcfg.eos_id, pad_id=bench.PAD_ID)
+    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_ids=(bcfg.eos_id,), pad_id=bench.PAD_ID)
     prompts_bp, len_n = jnp.asarray(prompts_bp), jnp.asarray(len_n)
     return (lambda: sampler(graphdef, params, prompts_bp, len_n, jax.random.key(0), g)), f"sampler call, batch {b}, {new} new tokens"
 

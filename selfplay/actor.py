@@ -132,16 +132,18 @@ def sample_token(
 DecodeBuffers = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]  # tokens_bl, lp_bl, mask_bl, done_b, eos_b
 
 
-def emit_token(bufs: DecodeBuffers, col: int | jax.Array, tok_b: jax.Array, lp_b: jax.Array, *, pad_id: int, eos_id: int) -> DecodeBuffers:
+def emit_token(
+    bufs: DecodeBuffers, col: int | jax.Array, tok_b: jax.Array, lp_b: jax.Array, *, pad_id: int, eos_ids: tuple[int, ...]
+) -> DecodeBuffers:
     """Write the token chosen for buffer column `col` (pad, log-prob 0 and mask 0 on rows already done); a row
-    that writes EOS is done from then on."""
+    that writes any of `eos_ids` (static; empty: no row ends) is done from then on."""
     tokens_bl, lp_bl, mask_bl, done_b, eos_b = bufs
     live_b = ~done_b
     tok_b = jnp.where(live_b, tok_b, pad_id)
     tokens_bl = jax.lax.dynamic_update_slice(tokens_bl, tok_b[:, None], (0, col))
     lp_bl = jax.lax.dynamic_update_slice(lp_bl, jnp.where(live_b, lp_b, 0.0)[:, None], (0, col))
     mask_bl = jax.lax.dynamic_update_slice(mask_bl, live_b.astype(jnp.float32)[:, None], (0, col))
-    hit_b = live_b & (tok_b == eos_id)
+    hit_b = live_b & jnp.isin(tok_b, jnp.asarray(eos_ids, jnp.int32))
     return tokens_bl, lp_bl, mask_bl, done_b | hit_b, eos_b | hit_b
 
 
@@ -150,12 +152,13 @@ def make_sampler(
     model_cfg: ModelConfig,
     actor_cfg: ActorConfig,
     *,
-    eos_id: int,
+    eos_ids: Sequence[int],
     pad_id: int,
     constrain_cache: Callable[[transformer.KVCache], transformer.KVCache] | None = None,
 ) -> Callable:
     """`sample(graphdef, params, prompt_tokens_bp, prompt_len_b, rng, samples_per_prompt=None)`, one jitted program.
 
+    A row ends when it writes any of `eos_ids` (closed over: one compilation whatever their number).
     Returns (Rollout with B = n_prompts * G rows, row = prompt * G + g, and L = P + max_new_tokens;
     {"decode_steps": int32, the one-token forward passes run after the prefill}). samples_per_prompt is static
     (None: actor.samples_per_prompt). One compilation per (P, n_prompts, G).
@@ -163,6 +166,7 @@ def make_sampler(
     placement on a mesh (`selfplay.sharding.kv_cache_constraint`); None: left to the compiler.
     """
     constrain = constrain_cache or (lambda cache: cache)
+    eos_ids = tuple(int(i) for i in eos_ids)
     max_new = actor_cfg.max_new_tokens
     check_actor_fits_model(actor_cfg, model_cfg)
     choose = dict(
@@ -200,7 +204,7 @@ def make_sampler(
         no_b = jnp.zeros((b,), bool)
 
         def emit(i, tok_b, lp_b, bufs):  # completion column i
-            return emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_id=eos_id)
+            return emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_ids=eos_ids)
 
         last_bv = jnp.repeat(logits_npv[:, -1], g, axis=0)
         tok_b, lp_b = sample_token(last_bv, jax.random.fold_in(rng, 0), **choose)
@@ -245,21 +249,21 @@ class Generator:
     `completions` gathers the rows to decode them."""
 
     def __init__(
-        self, policy: Policy, actor_cfg: ActorConfig, batch: int, layout: sharding.Layout | None = None, *, eos_id: int | None = None,
-        pad_id: int | None = None,
+        self, policy: Policy, actor_cfg: ActorConfig, batch: int, layout: sharding.Layout | None = None, *,
+        eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
     ):
-        """eos_id / pad_id: the tokenizer's unless given (a benchmark on synthetic tokens passes eos_id=-1: no row ends)."""
+        """eos_ids / pad_id: the tokenizer's unless given (a benchmark on synthetic tokens passes eos_ids=(): no row ends)."""
         self.policy = policy
         self.actor_cfg = actor_cfg
         self.batch = batch
         self.layout = layout
-        eos_id = policy.tokenizer.eos_id if eos_id is None else eos_id
+        eos_ids = policy.tokenizer.eos_ids if eos_ids is None else eos_ids
         pad_id = policy.tokenizer.pad_id if pad_id is None else pad_id
         if layout is None:
-            self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_id=eos_id, pad_id=pad_id)
+            self._sample = make_sampler(policy.cfg.model, actor_cfg, eos_ids=eos_ids, pad_id=pad_id)
         else:
             constrain = sharding.kv_cache_constraint(layout.mesh, layout.rules)
-            sampler = make_sampler(policy.cfg.model, actor_cfg, eos_id=eos_id, pad_id=pad_id, constrain_cache=constrain)
+            sampler = make_sampler(policy.cfg.model, actor_cfg, eos_ids=eos_ids, pad_id=pad_id, constrain_cache=constrain)
             self._sample = sharding.shard_sampler(sampler, layout.mesh, layout.rules)
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -289,11 +293,12 @@ class Generator:
         return rollout
 
     def completions(self, rollout: Rollout, prompt_width: int) -> list[str]:
-        """The decoded completion of every row (EOS and padding dropped)."""
+        """The decoded completion of every row (every EOS id and padding dropped)."""
         tok = self.policy.tokenizer
         tokens, mask = sharding.to_host((rollout.tokens_bl, rollout.completion_mask_bl))
         tokens, mask = tokens[:, prompt_width:], mask[:, prompt_width:] > 0
-        return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t != tok.eos_id]) for row, mrow in zip(tokens, mask)]
+        eos = set(tok.eos_ids)
+        return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]
 
     def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:
         """Completions for every prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""

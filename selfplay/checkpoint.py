@@ -233,6 +233,15 @@ class Checkpointer:
         restored = self._restore(step, state=state_args, meta=ocp.args.JsonRestore())
         return restored["state"], dict(restored["meta"] or {})
 
+    def restore_part(self, step: int | None, target: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Only the entries of a `flatten_tree` state that `target` names ({"path/to/leaf": array or
+        ShapeDtypeStruct}), as host numpy arrays, at `step` (default: latest): e.g. a round's policy params without
+        the optimiser state and the critic around them."""
+        step = self._step(step)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), target)
+        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+        return dict(self._restore(step, state=args)["state"])
+
     def restore_meta(self, step: int | None = None) -> dict:
         """Only the JSON `meta` of `step` (default: latest), no arrays: what to read before building a target."""
         return dict(self._restore(self._step(step), meta=ocp.args.JsonRestore())["meta"] or {})

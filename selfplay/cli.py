@@ -74,6 +74,14 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from selfplay.jobs import export
+
+    step = export.export_hf(args.run_dir, args.out_dir, args.checkpoint)
+    print(f"exported {f'round {step}' if step else 'the SFT policy'} of {args.run_dir} to {args.out_dir}")
+    return 0
+
+
 # --- self-play ---------------------------------------------------------------------------------
 
 
@@ -171,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
     imp.add_argument("run_dir", help="a new run directory")
     imp.set_defaults(fn=_cmd_import_hf)
+
+    exp = sub.add_parser("export-hf", help="write RUN_DIR's policy (latest round, else SFT) as a Hugging Face checkpoint in OUT_DIR")
+    exp.add_argument("run_dir", help="a run directory (from pretrain, import-hf or train)")
+    exp.add_argument("out_dir", help="a new or empty directory")
+    exp.add_argument("--checkpoint", type=int, default=None, help="round to export, 0: the SFT policy (default: the latest saved round, else the SFT policy)")
+    exp.set_defaults(fn=_cmd_export_hf)
 
     bn = sub.add_parser("bench", help="throughput benchmarks: one JSON line with the figure and its ratio to the roofline")
     bsub = bn.add_subparsers(dest="which", metavar="BENCHMARK", required=True)

@@ -4,6 +4,9 @@ and the prompt/essay layout the models see: [bos] prompt [sep] essay [eos].
 Special tokens of a trained tokenizer: <|pad|> = 0, <|bos|> = 1, <|eos|> = 2, <|sep|> = 3. Text is
 encoded with special tokens treated as plain text, so an essay that contains "<|eos|>" cannot end
 a sequence; only the layout methods insert special ids.
+
+A tokenizer.json shipped with a Hugging Face model is read with the special ids its neighbours declare
+(`SPECIALS_FILES`): a model may have several EOS ids (e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -21,7 +25,13 @@ from selfplay.config import UserError
 PAD, BOS, EOS, SEP = "<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"
 SPECIALS = (PAD, BOS, EOS, SEP)
 
-# Equivalents looked up, in order, in tokenizers that lack ours (e.g. one shipped with a HF model).
+# Files next to a tokenizer.json that declare its special ids, in order of precedence: generation_config.json is what
+# transformers' generate() stops on, config.json the model's own, tokenizer_config.json names tokens instead of ids.
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIALS_FILES = (GENERATION_CONFIG_FILE, "config.json", TOKENIZER_CONFIG_FILE)
+
+# Equivalents looked up, in order, when no file declares a role (our own tokenizer; a bare tokenizer.json).
 _CANDIDATES = {
     "bos": (BOS, "<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]", "<|endoftext|>"),
     "eos": (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|im_end|>", "<|eot_id|>", "[SEP]"),
@@ -30,30 +40,75 @@ _CANDIDATES = {
 }
 
 
+def _token_ids(value: Any, key: str, path: Path, tk: tokenizers.Tokenizer) -> list[int]:
+    """The ids a `*_token_id` (an int, a list of ints or null) or `*_token` (a string, {"content": str} or null) field
+    declares, each checked to be in the tokenizer's vocabulary."""
+    n = tk.get_vocab_size(with_added_tokens=True)
+    if value is None:
+        return []
+    if key.endswith("_token"):
+        content = value.get("content") if isinstance(value, dict) else value
+        if not isinstance(content, str) or tk.token_to_id(content) is None:
+            raise UserError(f"{path}: {key} {value!r} is not a token of the tokenizer")
+        return [tk.token_to_id(content)]
+    ids = value if isinstance(value, list) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in ids):
+        raise UserError(f"{path}: {key} must be a token id or a list of token ids below {n} (the tokenizer's size), got {value!r}")
+    return ids
+
+
+def declared_specials(directory: Path, tk: tokenizers.Tokenizer) -> dict[str, list[int]]:
+    """{"bos"|"eos"|"pad": ids} that `SPECIALS_FILES` in `directory` declare. eos: every id any file declares, in order
+    of precedence (a row stops on any of them); bos and pad: the first file's."""
+    found: dict[str, list[int]] = {"bos": [], "eos": [], "pad": []}
+    for name in SPECIALS_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: not a readable JSON file: {e}") from None
+        if not isinstance(fields, dict):
+            raise UserError(f"{path}: expected a JSON object, got {type(fields).__name__}")
+        suffix = "_token" if name == TOKENIZER_CONFIG_FILE else "_token_id"
+        for role, ids in found.items():
+            new = _token_ids(fields.get(role + suffix), role + suffix, path, tk)
+            if role == "eos":
+                ids += [i for i in new if i not in ids]
+            elif not ids:
+                ids += new[:1]
+    return found
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the special ids the models need.
 
-    For a tokenizer without our specials, bos/eos are looked up among common equivalents (an error
-    names the file if none is found); pad falls back to eos, and sep to the single token of "\\n"
-    when there is one, else to eos.
+    `declared` (see `declared_specials`) comes first. A role it leaves empty is looked up among common
+    equivalents of our specials (an error names the file if bos or eos is found nowhere); pad falls back to
+    the first eos, and sep to the single token of "\\n" when there is one, else to the first eos.
     """
 
-    def __init__(self, tk: tokenizers.Tokenizer, source: str = "<memory>"):
+    def __init__(self, tk: tokenizers.Tokenizer, source: str = "<memory>", declared: dict[str, list[int]] | None = None):
         self.tk = tk
         self.source = source
         tk.encode_special_tokens = True  # text never turns into control ids
-        found = {role: self._find(role) for role in _CANDIDATES}
+        declared = declared or {}
+        found = {role: declared.get(role) or [i for i in [self._find(role)] if i is not None] for role in _CANDIDATES}
         for role in ("bos", "eos"):
-            if found[role] is None:
+            if not found[role]:
                 raise UserError(
-                    f"{source}: no {role} token found; looked for {', '.join(_CANDIDATES[role])}"
+                    f"{source}: no {role} token: none of {', '.join(SPECIALS_FILES)} next to it gives one "
+                    f"and it has none of {', '.join(_CANDIDATES[role])}"
                 )
-        if found["pad"] is None:
+        if not found["pad"]:
             found["pad"] = found["eos"]
-        if found["sep"] is None:
+        if not found["sep"]:
             newline = tk.encode("\n", add_special_tokens=False).ids
-            found["sep"] = newline[0] if len(newline) == 1 else found["eos"]
-        self._ids: dict[str, int] = found  # type: ignore[assignment]
+            found["sep"] = [newline[0] if len(newline) == 1 else found["eos"][0]]
+        self._ids = {role: ids[0] for role, ids in found.items()}
+        # Every id that ends a completion; `eos_id`, the first, is the one the layout writes.
+        self.eos_ids: tuple[int, ...] = tuple(found["eos"])
 
     def _find(self, role: str) -> int | None:
         for tok in _CANDIDATES[role]:
@@ -94,7 +149,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a tokenizer.json (ours or one shipped with a Hugging Face model); `path` may be its directory."""
+        """Read a tokenizer.json (ours or one shipped with a Hugging Face model) with the special ids that the
+        `SPECIALS_FILES` next to it declare; `path` may be its directory."""
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -107,7 +163,7 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # json.JSONDecodeError, or the plain Exception tokenizers raises on a bad schema
             raise UserError(f"{p}: not a valid tokenizer.json: {e}") from None
-        return cls(tk, source=str(p))
+        return cls(tk, source=str(p), declared=declared_specials(p.parent, tk))
 
     # --- ids -------------------------------------------------------------------------------
 
@@ -126,6 +182,11 @@ class Tokenizer:
     @property
     def sep_id(self) -> int:
         return self._ids["sep"]
+
+    def special_ids(self) -> dict[str, Any]:
+        """generation_config.json's bos/eos/pad fields: eos is a list when several ids end a completion."""
+        eos: Any = list(self.eos_ids) if len(self.eos_ids) > 1 else self.eos_id
+        return {"bos_token_id": self.bos_id, "eos_token_id": eos, "pad_token_id": self.pad_id}
 
     @property
     def vocab_size(self) -> int:

@@ -31,7 +31,7 @@ def _model():
 
 @functools.lru_cache(maxsize=None)
 def _sampler(actor=ACTOR, eos=EOS, pad=PAD):
-    return make_sampler(CFG, actor, eos_id=eos, pad_id=pad)
+    return make_sampler(CFG, actor, eos_ids=(eos,), pad_id=pad)
 
 
 fwd = jax.jit(transformer.forward)
@@ -69,7 +69,7 @@ def test_pad_prompts_checks_the_context_length_and_empty_prompts():
     with pytest.raises(UserError, match="prompt 1 is empty"):
         pad_prompts([[1], []], (4, 8), PAD)
     with pytest.raises(ConfigError, match="max_seq_len"):
-        make_sampler(CFG, dataclasses.replace(ACTOR, max_new_tokens=30), eos_id=EOS, pad_id=PAD)
+        make_sampler(CFG, dataclasses.replace(ACTOR, max_new_tokens=30), eos_ids=(EOS,), pad_id=PAD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,3 +253,30 @@ def test_truncated_sampling_draws_from_the_tempered_nucleus_and_reports_its_logp
     assert np.all(np.isfinite(want[mask])), "a sampled token lies outside the top-k / top-p set"
     np.testing.assert_allclose(np.asarray(r.logprobs_bl)[:, p:][mask], want[mask], atol=TOL, rtol=TOL)
     assert np.all(np.isinf(np.asarray(allowed)).sum(-1) >= CFG.vocab_size - 5)
+
+
+def test_any_of_several_eos_ids_ends_a_row():
+    # A zero final norm makes every logit 0, so greedy writes token 0 at every step: the second of two EOS ids.
+    actor = dataclasses.replace(ACTOR, greedy=True, samples_per_prompt=2)
+    graphdef, params = _model()
+    zeroed = jax.tree.map(lambda x: x, params)
+    zeroed["final_norm"][...] = jnp.zeros_like(zeroed["final_norm"][...])
+    tokens_np, lens, p = pad_prompts(PROMPTS, actor.prompt_buckets, 15)
+    r, info = make_sampler(CFG, actor, eos_ids=(7, 0), pad_id=15)(graphdef, zeroed, tokens_np, lens, jax.random.key(8))
+    assert int(info["decode_steps"]) == 0 and np.all(np.asarray(r.eos_b))
+    np.testing.assert_array_equal(r.completion_len_b(), 1)
+    # With the first id alone nothing ends a row: token 0 fills every completion.
+    r, info = make_sampler(CFG, actor, eos_ids=(7,), pad_id=15)(graphdef, zeroed, tokens_np, lens, jax.random.key(8))
+    assert not np.any(np.asarray(r.eos_b)) and int(info["decode_steps"]) == actor.max_new_tokens - 1
+    np.testing.assert_array_equal(np.asarray(r.tokens_bl)[:, p:], 0)
+
+    # Sampling: each row stops at the first of either id, and eos_b says whether it wrote one.
+    tokens_np, lens, p = pad_prompts(PROMPTS, ACTOR.prompt_buckets, PAD)
+    r, _ = make_sampler(CFG, ACTOR, eos_ids=(EOS, 2), pad_id=PAD)(graphdef, params, tokens_np, lens, jax.random.key(9))
+    tokens, mask, eos_b = np.asarray(r.tokens_bl)[:, p:], np.asarray(r.completion_mask_bl)[:, p:], np.asarray(r.eos_b)
+    ends = set()
+    for row, m, hit in zip(tokens, mask, eos_b):
+        n = int(m.sum())
+        assert not {EOS, 2} & set(row[: n - 1]) and hit == (row[n - 1] in (EOS, 2))
+        ends.add(int(row[n - 1]) if hit else None)
+    assert {EOS, 2} <= ends  # both ids ended some row

@@ -80,7 +80,7 @@ def test_nocache_baseline_writes_what_the_cached_sampler_writes():
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     tokens_bp, len_b, _ = actor.pad_prompts(prompts, [8], 0)
     key = jax.random.key(1)
-    cached, _ = actor.make_sampler(cfg.model, cfg.actor, eos_id=-1, pad_id=0)(graphdef, params, tokens_bp, len_b, key, 2)
+    cached, _ = actor.make_sampler(cfg.model, cfg.actor, eos_ids=(), pad_id=0)(graphdef, params, tokens_bp, len_b, key, 2)
     base = bench.make_nocache_sampler(cfg.model, cfg.actor, eos_id=-1, pad_id=0)(
         graphdef, params, tokens_bp, len_b, key, samples_per_prompt=2
     )

@@ -175,7 +175,9 @@ def test_bfloat16_safetensors_load_exactly(tmp_path):
 def test_export_then_import_is_exact(tmp_path, name, arch):
     cfg, params, tok = hf.load_hf(FIXTURES / name)
     hf.save_hf(tmp_path / "out", cfg, params, tok, arch)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]
     cfg2, params2, tok2 = hf.load_hf(tmp_path / "out")
     assert cfg2 == cfg
     assert tok2.tk.to_str() == tok.tk.to_str()
@@ -322,3 +324,108 @@ def test_import_hf_cli_then_generate(tmp_path, capsys):
     assert row["prompt"] == "hello" and isinstance(row["essay"], str)
     assert main(["import-hf", str(tmp_path / "nowhere"), str(tmp_path / "r2")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Special ids from the checkpoint's own files
+# ----------------------------------------------------------------------------------------------
+
+
+def _bare_tokenizer(d):
+    """A tokenizer.json with no token named like an EOS (nor a BOS): only the files can say which ids they are."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    tk = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(V - 2)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<|stop|>", "<|turn_end|>"])  # ids V-2, V-1
+    tk.save(str(d / "tokenizer.json"))
+
+
+def test_eos_from_config_json_int_even_without_a_known_eos_name(tmp_path):
+    d = _write(tmp_path, _hf_config(bos_token_id=3, eos_token_id=V - 1))
+    _bare_tokenizer(d)
+    _, _, tok = hf.load_hf(d)
+    assert tok.eos_ids == (V - 1,) and tok.eos_id == V - 1 and tok.bos_id == 3 and tok.pad_id == V - 1
+    # Text decoding drops every EOS id, a plain word declared as one too (w5 is no special token).
+    from types import SimpleNamespace
+
+    from selfplay.actor import Generator
+    from selfplay.types import Rollout
+
+    (d / "config.json").write_text(json.dumps(_hf_config(bos_token_id=3, eos_token_id=[V - 1, 5])))
+    _, _, tok = hf.load_hf(d)
+    assert tok.eos_ids == (V - 1, 5)
+    tokens = np.array([[3, 8, 7, 5, V - 1], [3, 8, 7, V - 1, 0]])
+    mask = np.array([[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]], np.float32)
+    rollout = Rollout(tokens_bl=tokens, prompt_len_b=np.array([2, 2]), completion_mask_bl=mask, logprobs_bl=mask, eos_b=np.ones(2, bool))
+    assert Generator.completions(SimpleNamespace(policy=SimpleNamespace(tokenizer=tok)), rollout, 2) == ["w7", "w7"]
+
+    (d / "config.json").write_text(json.dumps(_hf_config(bos_token_id=3)))  # no file gives one: one line naming the file
+    with pytest.raises(UserError, match=rf"^{d / 'tokenizer.json'}: no eos token: none of generation_config.json, config.json, tokenizer_config.json") as err:
+        hf.load_hf(d)
+    assert "\n" not in str(err.value)
+
+
+def test_eos_from_generation_config_list_and_tokenizer_config(tmp_path):
+    d = _write(tmp_path, _hf_config(eos_token_id=2))  # the llama fixture's tokenizer: </s> = 2, <pad> = 3
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2], "pad_token_id": 3}))
+    _, _, tok = hf.load_hf(d)
+    assert tok.eos_ids == (5, 2) and tok.eos_id == 5 and tok.pad_id == 3
+    assert tok.special_ids() == {"bos_token_id": 1, "eos_token_id": [5, 2], "pad_token_id": 3}
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<unk>"}, "bos_token": None}))
+    assert hf.load_hf(d)[2].eos_ids == (5, 2, 0)  # every file's EOS ends a row
+    (d / "generation_config.json").unlink()
+    (d / "config.json").write_text(json.dumps(_hf_config()))
+    assert hf.load_hf(d)[2].eos_ids == (0,)  # tokenizer_config.json alone
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, V + 5]}))
+    with pytest.raises(UserError, match=r"generation_config.json: eos_token_id must be a token id or a list of token ids below 96"):
+        hf.load_hf(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(UserError, match=r"tokenizer_config.json: eos_token '<\|im_end\|>' is not a token of the tokenizer"):
+        hf.load_hf(d)
+
+
+INSTRUCT = FIXTURES / "qwen2_instruct"
+
+
+def test_an_instruct_qwen2_stops_at_im_end_as_transformers_does(tmp_path):
+    cfg, params, tok = hf.load_hf(INSTRUCT)
+    im_end, endoftext = tok.tk.token_to_id("<|im_end|>"), tok.tk.token_to_id("<|endoftext|>")
+    assert tok.eos_ids == (im_end, endoftext) == (2, 0)  # generation_config.json's list, as Qwen2.5-Instruct ships it
+    ref = load_file(str(INSTRUCT / "reference_logits.safetensors"))
+    valid = ref["attention_mask"].astype(bool)
+    assert np.abs(_logits(cfg, params, ref) - ref["logits"])[valid].max() <= TOL
+
+    from selfplay.actor import make_sampler, pad_prompts
+    from selfplay.config import ActorConfig
+
+    want = json.loads((INSTRUCT / "greedy.json").read_text())  # transformers' greedy generate(), stopped by <|im_end|>
+    prompt = want["prompt"]
+    actor = ActorConfig(greedy=True, samples_per_prompt=1, max_new_tokens=want["max_new_tokens"], prompt_buckets=(len(prompt),))
+    graphdef, state = transformer.split(nnx.eval_shape(lambda: transformer.create_model(cfg, 0)))
+    nnx.replace_by_pure_dict(state, params)
+    tokens_bp, len_b, p = pad_prompts([prompt], actor.prompt_buckets, tok.pad_id)
+
+    def completion(eos_ids):
+        r, _ = make_sampler(cfg, actor, eos_ids=eos_ids, pad_id=tok.pad_id)(graphdef, state, tokens_bp, len_b, jax.random.key(0))
+        n = int(np.asarray(r.completion_mask_bl).sum())
+        return list(np.asarray(r.tokens_bl)[0, p : p + n]), bool(np.asarray(r.eos_b)[0])
+
+    got, ended = completion(tok.eos_ids)
+    assert got == want["completion"] and got[-1] == im_end and ended
+    # The ids a name-guess would give (<|endoftext|>) keep writing past <|im_end|>.
+    longer, _ = completion((endoftext,))
+    assert len(longer) > len(got) and longer[: len(got)] == got
+
+
+def test_import_keeps_the_special_ids_and_the_chat_template_in_the_run_dir(tmp_path):
+    run = hf.import_hf(INSTRUCT, tmp_path / "run")
+    assert policy.load_policy(run).tokenizer.eos_ids == (2, 0)  # what train, generate and export read
+    gen = json.loads((run / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, [2, 0], 0)
+    tc = json.loads((run / "tokenizer_config.json").read_text())
+    assert tc["eos_token"] == "<|im_end|>"
+    assert tc["chat_template"] == (INSTRUCT / "chat_template.jinja").read_text()  # transformers 5 saves it apart
+    assert json.loads((run / "hf_config.json").read_text()) == json.loads((INSTRUCT / "config.json").read_text())

@@ -111,7 +111,7 @@ def sampler_case():
     prompts_np = rng.integers(2, CFG.vocab_size, (N_PROMPTS, PW)).astype(np.int32)
     prompts_np[np.arange(PW)[None, :] < PW - len_n[:, None]] = PAD
     graphdef, params = policy()
-    want, _ = make_sampler(CFG, actor, eos_id=EOS, pad_id=PAD)(graphdef, params, prompts_np, len_n, jax.random.key(0))
+    want, _ = make_sampler(CFG, actor, eos_ids=(EOS,), pad_id=PAD)(graphdef, params, prompts_np, len_n, jax.random.key(0))
     return actor, prompts_np, len_n, jax.device_get(want)
 
 
@@ -120,7 +120,7 @@ def test_sharded_greedy_sampler_writes_the_same_tokens(shape):
     mesh = mesh_of(shape)
     actor, prompts_np, len_n, want = sampler_case()
     graphdef, params = policy()
-    sampler = make_sampler(CFG, actor, eos_id=EOS, pad_id=PAD, constrain_cache=sharding.kv_cache_constraint(mesh, RULES))
+    sampler = make_sampler(CFG, actor, eos_ids=(EOS,), pad_id=PAD, constrain_cache=sharding.kv_cache_constraint(mesh, RULES))
     sample = sharding.shard_sampler(sampler, mesh, RULES)
     prompts, lens = sharding.shard_batch((prompts_np, len_n), mesh, RULES)
     got, _ = sample(graphdef, sharding.shard_state(params, mesh, RULES), prompts, lens, jax.random.key(0))

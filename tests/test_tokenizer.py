@@ -98,7 +98,7 @@ def test_load_foreign_tokenizer_finds_equivalent_specials(tmp_path):
 
 def test_load_errors_name_the_file(tmp_path):
     path = _foreign(tmp_path, ["<unk>"])
-    with pytest.raises(UserError, match=f"{path}: no bos token found"):
+    with pytest.raises(UserError, match=f"{path}: no bos token: none of generation_config.json"):
         Tokenizer.load(path)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

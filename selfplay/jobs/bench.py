@@ -139,7 +139,7 @@ def make_nocache_sampler(model_cfg: ModelConfig, actor_cfg: ActorConfig, *, eos_
             h_bld, _ = model.hidden(tokens_bl, positions_bl, valid_bl)
             last_b1d = jax.lax.dynamic_slice_in_dim(h_bld, p + i - 1, 1, axis=1)
             tok_b, lp_b = actor.sample_token(model.logits(last_b1d)[:, 0], jax.random.fold_in(rng, i), **choose)
-            return actor.emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_id=eos_id)
+            return actor.emit_token(bufs, p + i, tok_b, lp_b, pad_id=pad_id, eos_ids=(eos_id,))
 
         no_b = jnp.zeros((b,), bool)
         tokens_bl, lp_bl, mask_bl, _, eos_b = jax.lax.fori_loop(0, max_new, body, (tokens_bl, zeros_bl, zeros_bl, no_b, no_b))
@@ -173,7 +173,7 @@ def _actor_point(cfg: Config, b: BenchConfig, graphdef: Any, params: Any, batch:
     prompts_bp, len_n, p = synthetic_prompts(cfg, b, n, new, cfg.run.seed)
     prompts_bp, len_n = jnp.asarray(prompts_bp), jnp.asarray(len_n)
     keys = _keys(cfg.run.seed, 1, 1 + b.warmup + b.iterations)
-    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_id=b.eos_id, pad_id=PAD_ID)
+    sampler = actor.make_sampler(cfg.model, actor_cfg, eos_ids=(b.eos_id,), pad_id=PAD_ID)
     log(f"actor: batch {batch} ({n} prompts x {g}), {new} new tokens, KV cache")
     cached = time_calls(lambda i: sampler(graphdef, params, prompts_bp, len_n, keys[i], g), b.warmup, b.iterations, probe)
     rollout, info = cached.last
@@ -319,20 +319,20 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     headline figure counts it once per critic.refresh_every rounds, as the loop does."""
     b, cc = bcfg, cfg.critic
     graphdef, params = _policy(cfg)
-    policy = Policy(cfg, None, graphdef, params)  # no tokenizer: the generators get eos_id and pad_id
+    policy = Policy(cfg, None, graphdef, params)  # no tokenizer: the generators get eos_ids and pad_id
     ref_params = params
     n, g, new = cfg.actor.prompts_per_round, cfg.actor.samples_per_prompt, cfg.actor.max_new_tokens
     rows = n * g
     prompts_bp, len_n, p = synthetic_prompts(cfg, b, n, new, cfg.run.seed)
     prompts_bp, len_n = jnp.asarray(prompts_bp), jnp.asarray(len_n)
-    gen = actor.Generator(policy, cfg.actor, n, eos_id=b.eos_id, pad_id=PAD_ID)
+    gen = actor.Generator(policy, cfg.actor, n, eos_ids=(b.eos_id,), pad_id=PAD_ID)
     steps, state = _learner_steps(cfg, graphdef, params)
     critic = _synthetic_critic(cfg)
 
     refresh_calls = math.ceil(cc.refresh_budget / cc.batch_size) if cc.refresh_every else 0
     pair_rows = 2 * cc.batch_size
     calib_chunks = math.ceil(2 * min(_CALIBRATION_PAIRS, cc.label_budget) / pair_rows) if cc.refresh_every else 0
-    refresh_gen = actor.Generator(policy, cfg.actor, cc.batch_size, eos_id=b.eos_id, pad_id=PAD_ID)  # as selfplay.run.setup's
+    refresh_gen = actor.Generator(policy, cfg.actor, cc.batch_size, eos_ids=(b.eos_id,), pad_id=PAD_ID)  # as selfplay.run.setup's
     r_prompts, r_len, r_p = synthetic_prompts(cfg, b, cc.batch_size, new, cfg.run.seed + 1)
     if r_p != p:
         raise ConfigError(f"refresh prompts bucket {r_p} differs from the round's {p}")

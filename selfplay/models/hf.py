@@ -1,5 +1,7 @@
-"""Hugging Face checkpoints in and out (config.json + safetensors + tokenizer.json), and `import_hf`, which turns
-one into a run directory's initial policy (config.yaml, tokenizer.json, orbax params under policy/).
+"""Hugging Face checkpoints in and out (config.json + safetensors + tokenizer files + generation_config.json), and
+`import_hf`, which turns one into a run directory's initial policy (config.yaml, tokenizer.json, orbax params under
+policy/, and the files export needs to give the checkpoint back unchanged: hf_config.json, generation_config.json,
+tokenizer_config.json).
 Over 400 lines because each refused field of a foreign checkpoint gets its own one-line check and message here.
 
 Architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases). Weights map onto the
@@ -15,9 +17,13 @@ compute something else:
 - tensors other than float32 / float16 / bfloat16 (e.g. quantized weights), and tensors the model does not use;
 - any config.json field outside `_METADATA_FIELDS`, `_MODEL_FIELDS` and the architecture's `_ARCH_FIELDS`: an
   unknown field may change the math, so it stops the import instead of being ignored (e.g. quantization_config).
+Special ids (bos, eos, pad) come from the checkpoint's generation_config.json, config.json and tokenizer_config.json
+(`selfplay.tokenizer.declared_specials`); a row stops on any of its eos ids.
+
 Decided, not refused: an active sliding window (Mistral `sliding_window`; Qwen2 `use_sliding_window` with
 sliding layers) caps `max_seq_len` at the window, since no sequence that fits in the window attends
-differently; `pretraining_tp` only splits HF's matmuls, so it is accepted.
+differently (export writes the window back: it keeps the imported config.json); `pretraining_tp` only splits HF's
+matmuls, so it is accepted.
 
 Dtypes: params are bfloat16 when every stored tensor is bfloat16, else float32 (float16 widens exactly);
 `compute_dtype` follows `param_dtype`, as HF computes in the dtype it loads. `config.json`'s dtype field is
@@ -44,7 +50,7 @@ from safetensors.numpy import save_file
 
 from selfplay.config import ActorConfig, Config, ModelConfig, UserError
 from selfplay.models import transformer
-from selfplay.tokenizer import Tokenizer
+from selfplay.tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -52,6 +58,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where recent transformers save a chat template instead of tokenizer_config
+# In a run directory made by import_hf: the source's config.json (every field, for export), generation_config.json
+# with the special ids the run uses, tokenizer_config.json (with the chat template when the source has one).
+HF_CONFIG_FILE = "hf_config.json"
+DEFAULT_MAX_SHARD_BYTES = 50 * 1000**3  # transformers' save_pretrained default max_shard_size, "50GB"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # config.json fields that describe the file or generation, never the forward pass (also any "_private" key).
@@ -297,9 +308,7 @@ def model_config_to_hf(cfg: ModelConfig, architecture: str, tokenizer: Tokenizer
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": cfg.param_dtype,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
+        **tokenizer.special_ids(),
     }
     if family == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
@@ -382,8 +391,8 @@ class _Weights:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_config(src: Path) -> dict:
-    path = src / CONFIG_FILE
+def read_json(path: Path) -> dict:
+    """A JSON object file; a UserError naming the file (and line) when it is unreadable or not an object."""
     try:
         hf = json.loads(path.read_text())
     except OSError as e:
@@ -395,11 +404,11 @@ def _read_config(src: Path) -> dict:
     return hf
 
 
-def _load(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer, str]:
+def _load(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer, dict]:
     src = Path(src_dir)
     if not src.is_dir():
         raise UserError(f"{src} is not a directory (a Hugging Face checkpoint: {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE})")
-    hf = _read_config(src)
+    hf = read_json(src / CONFIG_FILE)
     if not (src / TOKENIZER_FILE).is_file():
         raise UserError(f"{src}: {TOKENIZER_FILE} is missing (a tokenizer in another format must be converted first)")
     tokenizer = Tokenizer.load(src / TOKENIZER_FILE)
@@ -453,7 +462,7 @@ def _load(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer, str
                 f"{weights.file_of['lm_head.weight']}: tensor 'lm_head.weight' differs from model.embed_tokens.weight, "
                 "but config.json says tie_word_embeddings=true"
             )
-    return cfg, _unflatten(flat), tokenizer, arch
+    return cfg, _unflatten(flat), tokenizer, hf
 
 
 def load_hf(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer]:
@@ -464,15 +473,74 @@ def load_hf(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Tokenizer]:
     return cfg, params, tokenizer
 
 
+def _write_json(path: Path, fields: dict) -> None:
+    path.write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def _write_weights(dst: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    """model.safetensors, or (as transformers' save_pretrained) shards model-0000k-of-0000n.safetensors of at most
+    `max_shard_bytes` each (a larger tensor gets a shard of its own) and model.safetensors.index.json."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    for name, w in tensors.items():
+        if shards[-1] and sum(x.nbytes for x in shards[-1].values()) + w.nbytes > max_shard_bytes:
+            shards.append({})
+        shards[-1][name] = w
+    files = ([WEIGHTS_FILE] if len(shards) == 1 else
+             [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
+    for file, shard in zip(files, shards):
+        save_file(shard, str(dst / file), metadata={"format": "pt"})  # transformers refuses files without format=pt
+        (dst / file).chmod(0o644)  # safetensors writes 0600; the checkpoint is meant to be shared like the JSON files
+    if len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+        _write_json(dst / INDEX_FILE, {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())}, "weight_map": weight_map})
+
+
+def tokenizer_config(tokenizer: Tokenizer, base: dict | None, model_max_length: int) -> dict:
+    """tokenizer_config.json for `tokenizer.json`: `base` (e.g. an imported one, with its chat template) with the
+    bos/eos/pad tokens, the fast tokenizer class and the context length set."""
+    token = tokenizer.tk.id_to_token
+    return {
+        **(base or {}),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(tokenizer.bos_id),
+        "eos_token": token(tokenizer.eos_id),
+        "pad_token": token(tokenizer.pad_id),
+        "model_max_length": model_max_length,
+    }
+
+
+def generation_config(tokenizer: Tokenizer, base: dict | None) -> dict:
+    """generation_config.json: `base` (e.g. an imported one, with its sampling defaults) with the tokenizer's special
+    ids, eos as the list when several end a completion."""
+    fields = {k: v for k, v in (base or {}).items() if k != "_from_model_config"}
+    return {**fields, **tokenizer.special_ids()}
+
+
 def save_hf(
     dst_dir: str | os.PathLike,
     model_cfg: ModelConfig,
     params: dict | nnx.State,
     tokenizer: Tokenizer,
     architecture: str = "LlamaForCausalLM",
+    *,
+    hf_config: dict | None = None,
+    base_generation_config: dict | None = None,
+    base_tokenizer_config: dict | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json that `load_hf` (and transformers) read back
-    exactly. Params are stored in `model_cfg.param_dtype`. Returns `dst_dir`."""
+    """Write, into a new or empty `dst_dir`, what `load_hf` reads back exactly and transformers loads unchanged:
+    config.json, the weights (`_write_weights`; in `model_cfg.param_dtype`), tokenizer.json, tokenizer_config.json
+    and generation_config.json. config.json is `hf_config` (an imported checkpoint's, every field kept; it must
+    describe `model_cfg` and decides the architecture) or else `model_config_to_hf`; the base_* dicts are kept under
+    the fields written (`tokenizer_config`, `generation_config`). Returns `dst_dir`."""
+    dst = Path(dst_dir)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"{dst} is not an empty directory; export into a new one")
+    if hf_config is not None:
+        architecture = _architecture(hf_config, Path(HF_CONFIG_FILE))
+        described, _ = model_config_from_hf(hf_config, Path(HF_CONFIG_FILE), model_cfg.param_dtype)
+        if described != dataclasses.replace(model_cfg, compute_dtype=described.compute_dtype):
+            raise UserError(f"{HF_CONFIG_FILE} describes another model than the one exported: {described} != {model_cfg}")
     if architecture not in ARCHITECTURES:
         raise UserError(f"cannot export as {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
     if model_cfg.attention_bias != (ARCHITECTURES[architecture] == "qwen2"):
@@ -497,15 +565,13 @@ def save_hf(
         for name, w in zip(_hf_names(path, model_cfg.n_layers), layers):
             tensors[name] = _to_hf(kind, w.astype(dtype))
 
-    dst = Path(dst_dir)
+    config = hf_config if hf_config is not None else model_config_to_hf(model_cfg, architecture, tokenizer)
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = dst / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})  # transformers refuses files without format=pt
-    tmp.replace(dst / WEIGHTS_FILE)
-    tmp = dst / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(model_config_to_hf(model_cfg, architecture, tokenizer), indent=2) + "\n")
-    tmp.replace(dst / CONFIG_FILE)
+    _write_weights(dst, tensors, max_shard_bytes)
+    _write_json(dst / CONFIG_FILE, config)
     tokenizer.save(dst / TOKENIZER_FILE)
+    _write_json(dst / TOKENIZER_CONFIG_FILE, tokenizer_config(tokenizer, base_tokenizer_config, config["max_position_embeddings"]))
+    _write_json(dst / GENERATION_CONFIG_FILE, generation_config(tokenizer, base_generation_config))
     return dst
 
 
@@ -520,16 +586,31 @@ def fit_actor(actor: ActorConfig, model: ModelConfig) -> ActorConfig:
 
 def import_hf(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     """Make `run_dir` an initial policy from a Hugging Face checkpoint: config.yaml (default config, model
-    section from config.json, the actor's lengths fitted into its context), tokenizer.json, and the params as an
-    orbax checkpoint in policy/. Refuses a directory that already holds a run, so nothing is overwritten. Returns
-    `run_dir`."""
+    section from config.json, the actor's lengths fitted into its context), tokenizer.json, the params as an
+    orbax checkpoint in policy/, and `RUN_FILES`: the source's config.json as hf_config.json, generation_config.json
+    with the special ids the tokenizer resolved (so every later job reading tokenizer.json uses the same ones), and
+    tokenizer_config.json (its chat template taken from chat_template.jinja when only that file has it). Refuses a
+    directory that already holds a run, so nothing is overwritten. Returns `run_dir`."""
     from selfplay.policy import POLICY_DIR, save_policy
 
     run = Path(run_dir)
     policy_dir = run / POLICY_DIR
     if (run / "config.yaml").exists() or (policy_dir.is_dir() and any(policy_dir.iterdir())):
         raise UserError(f"{run} already holds a run (config.yaml or {POLICY_DIR}/); import into a fresh directory")
-    model_cfg, params, tokenizer, arch = _load(src_dir)
+    src = Path(src_dir)
+    model_cfg, params, tokenizer, hf = _load(src)
     cfg = dataclasses.replace(Config(), model=model_cfg, actor=fit_actor(ActorConfig(), model_cfg)).validate()
-    save_policy(run, cfg, tokenizer, params, {"imported_from": str(Path(src_dir).absolute()), "architecture": arch})
+    source_tc = read_json(src / TOKENIZER_CONFIG_FILE) if (src / TOKENIZER_CONFIG_FILE).is_file() else None
+    source_gc = read_json(src / GENERATION_CONFIG_FILE) if (src / GENERATION_CONFIG_FILE).is_file() else None
+    # Before the policy: a run directory with a policy is complete, and its special ids must already be there.
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json(run / HF_CONFIG_FILE, hf)
+    _write_json(run / GENERATION_CONFIG_FILE, generation_config(tokenizer, source_gc))
+    if source_tc is not None or (src / CHAT_TEMPLATE_FILE).is_file():
+        tc = dict(source_tc or {})
+        if "chat_template" not in tc and (src / CHAT_TEMPLATE_FILE).is_file():
+            tc["chat_template"] = (src / CHAT_TEMPLATE_FILE).read_text()
+        _write_json(run / TOKENIZER_CONFIG_FILE, tc)
+    meta = {"imported_from": str(src.absolute()), "architecture": hf["architectures"][0]}
+    save_policy(run, cfg, tokenizer, params, meta)
     return run
