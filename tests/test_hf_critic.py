@@ -167,3 +167,19 @@ def test_train_with_another_config_keeps_the_imported_critics_shape(policy_run, 
     assert cfg.critic.model == saved.model and cfg.critic.ensemble_size == 1
     assert cfg.critic.seq_buckets == (128, 160, 192, 256)  # tiny.yaml's buckets up to the critic's 256 positions
     assert cfg.critic.steps == load_config(TINY).critic.steps  # what is not a shape comes from the given config
+
+
+def test_critic_train_trains_an_imported_critic_further_instead_of_replacing_it(policy_run, tmp_path, capsys):
+    run = _run(policy_run, tmp_path)
+    import_hf_critic(CRITICS / "llama", run)
+    imported = _params(_critic(run))
+    pairs = tmp_path / "pairs.jsonl"
+    texts = ["the river runs past the old city", "an inventor built a machine", "the animal lives in the forest"]
+    pairs.write_text("".join(json.dumps({"prompt": "essay", "chosen": t, "rejected": t.split()[-1]}) + "\n" for t in texts * 4))
+    args = ["critic", "train", "--run-dir", str(run), "--pairs", str(pairs), "--no-progress", "critic.steps=2",
+            "critic.batch_size=4", "critic.seq_buckets=[64]", "critic.eval_samples=0"]
+    assert main(args) == 0, capsys.readouterr().err
+    critic = _critic(run)
+    assert int(critic.state.step) == 2 and (run / CRITIC_DIR / "imported_from.json").is_file()
+    moved = [np.abs(a - b).max() for a, b in zip(_params(critic), imported)]
+    assert 0 < max(moved) < 0.01  # two AdamW steps at lr 1e-3 from the imported weights, not a fresh init

@@ -25,7 +25,9 @@ Decided: the reward model's tokenizer.json must equal the run's (the critic scor
 tokenizer would need re-tokenising every rollout); an imported critic is one member (critic.ensemble_size 1: copies of
 one model give zero disagreement, so min / mean - std combine would be the mean at k times the cost); the import
 refuses a run directory that already holds a critic or checkpoints. Frozen: critic.refresh_every=0; refreshed: the
-usual refresh (`selfplay.critic.refresh`) trains it further on newly labelled pairs, from an empty pair pool.
+usual refresh (`selfplay.critic.refresh`) trains it further on newly labelled pairs, from an empty pair pool; and
+`selfplay critic train` on the run directory trains it further too (critic.steps on its pairs) instead of replacing
+it by a critic trained from scratch (RUN_DIR/critic/imported_from.json marks it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ from selfplay.tokenizer import Tokenizer
 # The reward-model class of each causal-LM architecture the policy import reads; the trunk is the same.
 ARCHITECTURES = {arch.replace("ForCausalLM", "ForSequenceClassification"): arch for arch in hf.ARCHITECTURES}
 SCORE_TENSOR = "score.weight"
+ORIGIN_FILE = "imported_from.json"  # in RUN_DIR/critic: the source of an imported critic (`critic train` keeps it)
+
+
+def imported_from(critic_dir: str | os.PathLike) -> dict | None:
+    """{"source", "architecture"} of the critic in `critic_dir` when it was imported (and maybe trained further)."""
+    path = Path(critic_dir) / ORIGIN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def mark_imported(critic_dir: str | os.PathLike, origin: dict) -> None:
+    (Path(critic_dir) / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
 
 
 def _num_labels(raw: dict) -> int:
@@ -154,7 +167,7 @@ def import_hf_critic(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> 
     run_tok, src_tok = run / TOKENIZER_FILE, src / TOKENIZER_FILE
     if src_tok.is_file() and json.loads(src_tok.read_text()) != json.loads(run_tok.read_text()):
         raise UserError(f"{src_tok} differs from the policy's {run_tok}: the critic must use the policy's tokenizer")
-    model, params, tokenizer, _ = load_hf_critic(src)
+    model, params, tokenizer, arch = load_hf_critic(src)
 
     cfg = load_run_config(run)
     cfg = dataclasses.replace(cfg, critic=fit_critic(cfg.critic, model)).validate()
@@ -168,6 +181,7 @@ def import_hf_critic(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> 
     pure = nnx.to_pure_dict(state.params)
     nnx.replace_by_pure_dict(state.params, jax.tree.map(lambda x, like: jnp.asarray(x)[None].astype(like.dtype), params, pure))
     save_critic(critic_dir, critic_from_state(cfg, tokenizer, state))
+    mark_imported(critic_dir, {"source": str(src.absolute()), "architecture": arch})
     save_config(cfg, run)
     return critic_dir
 
