@@ -80,20 +80,20 @@ def _critic_model_config(raw: dict, src: Path, tokenizer: Tokenizer, param_dtype
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
     if arch in hf.ARCHITECTURES:
         raise UserError(
-            f"{path}: {arch} is a causal LM, not a reward model; import it as the policy with `selfplay import-hf {src} "
-            f"RUN_DIR`, or give a {' / '.join(ARCHITECTURES)} checkpoint"
+            f"{path}: {arch} is a causal LM, not a reward model; import it as the policy with "
+            f"`selfplay import-hf {src} RUN_DIR`, or give a {' / '.join(ARCHITECTURES)} checkpoint"
         )
     if arch not in ARCHITECTURES:
         raise UserError(f"{path}: 'architectures' must list exactly one of {', '.join(ARCHITECTURES)}, got {archs!r}")
     if _num_labels(raw) != 1:
         raise UserError(
-            f"{path}: num_labels is {_num_labels(raw)} (id2label {raw.get('id2label')!r}); a reward model gives one score: "
-            "num_labels 1"
+            f"{path}: num_labels is {_num_labels(raw)} (id2label {raw.get('id2label')!r}); a reward model gives one "
+            "score: num_labels 1"
         )
     if raw.get("pad_token_id") is not None and raw["pad_token_id"] == tokenizer.eos_id:
         raise UserError(
-            f"{path}: pad_token_id {raw['pad_token_id']} is the eos token: transformers scores a row ending in eos at the "
-            "token before it, our critic at the eos itself; give the reward model a pad token of its own"
+            f"{path}: pad_token_id {raw['pad_token_id']} is the eos token: transformers scores a row ending in eos at "
+            "the token before it, our critic at the eos itself; give the reward model a pad token of its own"
         )
     causal = {k: v for k, v in raw.items() if k != "num_labels"} | {"architectures": [ARCHITECTURES[arch]]}
     cfg, _ = hf.model_config_from_hf(causal, path, param_dtype)
@@ -105,20 +105,23 @@ def load_hf_critic(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Token
     Hugging Face reward-model directory; every tensor's name and shape is checked before any is read."""
     src = Path(src_dir)
     if not src.is_dir():
-        raise UserError(f"{src} is not a directory (a Hugging Face reward model: {hf.CONFIG_FILE}, {hf.WEIGHTS_FILE}, {TOKENIZER_FILE})")
+        raise UserError(f"{src} is not a directory (a Hugging Face reward model: {hf.CONFIG_FILE}, {hf.WEIGHTS_FILE}, "
+                        f"{TOKENIZER_FILE})")
     raw = hf._read_config(src)
     if not (src / TOKENIZER_FILE).is_file():
         raise UserError(f"{src}: {TOKENIZER_FILE} is missing (a tokenizer in another format must be converted first)")
     tokenizer = Tokenizer.load(src / TOKENIZER_FILE)
     with contextlib.ExitStack() as stack:
         weights = hf._Weights(src, stack)
-        odd = sorted(name for name, (dtype, _) in weights.info.items() if dtype not in hf._DTYPES)
-        if odd:
-            raise UserError(f"{weights.file_of[odd[0]]}: tensor '{odd[0]}' has dtype {weights.info[odd[0]][0]}; only F32, F16 and BF16 are supported")
+        for name, (dtype, _) in weights.info.items():
+            if dtype not in hf._DTYPES:
+                raise UserError(f"{weights.file_of[name]}: tensor '{name}' has dtype {dtype}; only F32, F16 and BF16 are supported")
         all_bf16 = all(dtype == "BF16" for dtype, _ in weights.info.values())
         cfg, arch = _critic_model_config(raw, src, tokenizer, "bfloat16" if all_bf16 else "float32")
         if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"{src / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than config.json's vocab_size {cfg.vocab_size}")
+            raise UserError(
+                f"{src / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than config.json's vocab_size {cfg.vocab_size}"
+            )
         # our param path -> ([HF names], per-name HF shape); the score head is the one tensor the policy import lacks
         plan = {SCORE_TENSOR: ([SCORE_TENSOR], (1, cfg.d_model))}
         for path, leaf in hf._flatten(hf.abstract_params(cfg)).items():
@@ -128,12 +131,17 @@ def load_hf_critic(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Token
             for name in names:
                 if name not in weights.info:
                     raise UserError(f"{src}: tensor '{name}' is missing; a {arch} with this config.json needs it")
-                if weights.info[name][1] != want:
-                    raise UserError(f"{weights.file_of[name]}: tensor '{name}' has shape {list(weights.info[name][1])}, but config.json implies {list(want)}")
+                got = weights.info[name][1]
+                if got != want:
+                    raise UserError(
+                        f"{weights.file_of[name]}: tensor '{name}' has shape {list(got)}, but config.json implies {list(want)}"
+                    )
         used = {name for names, _ in plan.values() for name in names}
         spare = sorted(n for n in weights.info if n not in used and not n.endswith("rotary_emb.inv_freq"))
         if spare:
-            raise UserError(f"{src}: {len(spare)} tensor(s) not used by a {arch} with this config.json, e.g. {', '.join(spare[:4])}")
+            raise UserError(
+                f"{src}: {len(spare)} tensor(s) not used by a {arch} with this config.json, e.g. {', '.join(spare[:4])}"
+            )
 
         dtype = hf._DTYPES["BF16" if all_bf16 else "F32"]
         trunk = {}
@@ -159,13 +167,16 @@ def import_hf_critic(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> 
     config.yaml's critic section fitted to it (`fit_critic`). Returns the critic directory."""
     run = Path(run_dir)
     if not has_policy(run):
-        raise UserError(f"{run} has no policy; import one first (`selfplay import-hf SRC {run}`) or run `selfplay pretrain`")
+        raise UserError(f"{run} has no policy; import one first (`selfplay import-hf SRC {run}`) or `selfplay pretrain` it")
     critic_dir = run / CRITIC_DIR
     if has_critic(critic_dir) or (critic_dir.is_dir() and any(critic_dir.iterdir())) or (run / CHECKPOINT_DIR).exists():
-        raise UserError(f"{run} already holds a critic ({CRITIC_DIR}/) or a run ({CHECKPOINT_DIR}/); import into a run with only a policy")
+        raise UserError(
+            f"{run} already holds a critic ({CRITIC_DIR}/) or a run ({CHECKPOINT_DIR}/); import into a run with only a policy"
+        )
     src = Path(src_dir)
     run_tok, src_tok = run / TOKENIZER_FILE, src / TOKENIZER_FILE
-    if src_tok.is_file() and json.loads(src_tok.read_text()) != json.loads(run_tok.read_text()):
+    # compared as the tokenizers library writes them, so formatting and field order do not count
+    if src_tok.is_file() and Tokenizer.load(src_tok).tk.to_str() != Tokenizer.load(run_tok).tk.to_str():
         raise UserError(f"{src_tok} differs from the policy's {run_tok}: the critic must use the policy's tokenizer")
     model, params, tokenizer, arch = load_hf_critic(src)
 
@@ -179,7 +190,8 @@ def import_hf_critic(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> 
         )
     state = init_state(cfg.critic, cfg.run.seed)
     pure = nnx.to_pure_dict(state.params)
-    nnx.replace_by_pure_dict(state.params, jax.tree.map(lambda x, like: jnp.asarray(x)[None].astype(like.dtype), params, pure))
+    member = jax.tree.map(lambda x, like: jnp.asarray(x)[None].astype(like.dtype), params, pure)  # ensemble axis of 1
+    nnx.replace_by_pure_dict(state.params, member)
     save_critic(critic_dir, critic_from_state(cfg, tokenizer, state))
     mark_imported(critic_dir, {"source": str(src.absolute()), "architecture": arch})
     save_config(cfg, run)
