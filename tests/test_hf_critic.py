@@ -26,6 +26,7 @@ from selfplay.policy import load_run_config
 from selfplay.run.setup import CHECKPOINT_DIR, resolve_config
 from selfplay.run.train import train
 from selfplay.tokenizer import Tokenizer
+from selfplay.types import Rollout
 from selfplay.world import World
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -74,6 +75,17 @@ def test_scores_match_transformers_on_padded_batches(policy_run, tmp_path, name)
     # wider padding changes nothing: rows are read at their last real token, pads are masked
     wide = np.pad(tokens, ((0, 0), (0, 12)), constant_values=Tokenizer.load(run / "tokenizer.json").pad_id)
     np.testing.assert_allclose(np.asarray(critic.fns.score_tokens(critic.state, wide, lens).members_kb[0]), ref["scores"], atol=TOL)
+
+    # the loop's path: a rollout's prompt (the first 3 tokens) left-padded to width 6, its completion after it
+    p, width = 3, 6
+    rollout_bl = np.full((len(lens), width + tokens.shape[1] - p), wide[0, -1], np.int32)
+    completion_mask = np.zeros(rollout_bl.shape, np.float32)
+    for b, n in enumerate(lens):
+        rollout_bl[b, width - p : width + n - p] = tokens[b, :n]
+        completion_mask[b, width : width + n - p] = 1
+    zeros = np.zeros(rollout_bl.shape, np.float32)
+    rollout = Rollout(rollout_bl, np.full(len(lens), p, np.int32), completion_mask, zeros, np.ones(len(lens), bool))
+    np.testing.assert_allclose(np.asarray(critic.fns.score(critic.state, rollout, width).members_kb[0]), ref["scores"], atol=TOL)
 
 
 def _edited(tmp_path, name, **config):
@@ -183,3 +195,24 @@ def test_critic_train_trains_an_imported_critic_further_instead_of_replacing_it(
     assert int(critic.state.step) == 2 and (run / CRITIC_DIR / "imported_from.json").is_file()
     moved = [np.abs(a - b).max() for a, b in zip(_params(critic), imported)]
     assert 0 < max(moved) < 0.01  # two AdamW steps at lr 1e-3 from the imported weights, not a fresh init
+
+
+def test_a_tiny_train_run_in_the_world_refreshes_the_imported_critic(policy_run, tmp_path):
+    """critic.refresh_every=1: every round labels new pairs of the policy's essays and trains the imported critic on
+    them; the run's checkpoint holds the trained critic, RUN_DIR/critic the imported one."""
+    run = _run(policy_run, tmp_path)
+    import_hf_critic(CRITICS / "llama", run)
+    imported = checkpoint.flatten_tree(_critic(run).state.params)
+    out = train(
+        run, str(TINY),
+        ["run.rounds=2", "run.checkpoint_every=2", "critic.refresh_every=1", "critic.refresh_steps=2",
+         "critic.refresh_budget=4", "critic.batch_size=4", "critic.seq_buckets=[64]", "actor.prompt_buckets=[32]",
+         "actor.max_new_tokens=16", "actor.too_long_prompt=truncate", "run.eval_prompts=2"],
+        progress=False, console=Console(quiet=True),
+    )  # fmt: skip
+    assert np.isfinite(out["last_round"]["loss/critic"]) and out["last_round"]["critic/new_pairs"] > 0
+    with checkpoint.Checkpointer(run / CHECKPOINT_DIR, read_only=True) as ck:
+        flat, _ = ck.restore(ck.latest_step())
+    assert int(flat["critic/step"]) == 4
+    assert all(not np.array_equal(flat[f"critic/params/{k}"], v) for k, v in imported.items())
+    assert load_run_config(run).critic.model == _critic(run).ccfg.model  # config.yaml keeps the imported shape
