@@ -18,8 +18,10 @@ length). On right-padded rows whose last real token is not the pad id they are t
 ends in the pad id: transformers then reads the token before that run. Our rows end in [eos] (pairs) or the
 policy's last completion token (eos, or where max_new_tokens cut it), so an import whose `pad_token_id` is the eos id
 (common: pad = eos) is refused rather than read one token off; a policy that writes the pad id as its last token
-(or is cut at it) is scored at that token, where transformers would skip it. Positions: transformers' default
-`arange` equals ours on right-padded rows (left padding is never used by the critic).
+(or is cut at it) is scored at that token, where transformers would skip it. Without a pad_token_id transformers
+scores one unpadded row at a time, at its last token: ours again. Positions: ours start at 0 at each row's first
+real token (a rollout's prompt is left-padded), transformers' default is `arange`, the same on right-padded rows; so
+a rollout scores as transformers scores its tokens unpadded (tests/test_hf_critic.py checks both layouts).
 
 Decided: the reward model's tokenizer.json must equal the run's (the critic scores the policy's tokens; another
 tokenizer would need re-tokenising every rollout); an imported critic is one member (critic.ensemble_size 1: copies of
