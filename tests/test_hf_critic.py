@@ -12,9 +12,11 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from rich.console import Console
+from safetensors.numpy import load_file, save_file
 
 from selfplay import checkpoint
 from selfplay.cli import main
@@ -216,3 +218,30 @@ def test_a_tiny_train_run_in_the_world_refreshes_the_imported_critic(policy_run,
     assert int(flat["critic/step"]) == 4
     assert all(not np.array_equal(flat[f"critic/params/{k}"], v) for k, v in imported.items())
     assert load_run_config(run).critic.model == _critic(run).ccfg.model  # config.yaml keeps the imported shape
+
+
+def _with_tensors(tmp_path, name, edit):
+    d = Path(shutil.copytree(CRITICS / "llama", tmp_path / name))
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file(edit(tensors), str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_bfloat16_reward_model_and_odd_tensors(policy_run, tmp_path):
+    run = _run(policy_run, tmp_path)
+    extra = _with_tensors(tmp_path, "extra", lambda t: t | {"lm_head.weight": t["model.embed_tokens.weight"]})
+    with pytest.raises(UserError, match="1 tensor\\(s\\) not used by a LlamaForSequenceClassification.*lm_head.weight"):
+        import_hf_critic(extra, run)
+    wide = _with_tensors(tmp_path, "wide", lambda t: t | {"score.weight": np.concatenate([t["score.weight"]] * 2)})
+    with pytest.raises(UserError, match="'score.weight' has shape \\[2, 32\\], but config.json implies \\[1, 32\\]"):
+        import_hf_critic(wide, run)
+
+    bf16 = _with_tensors(tmp_path, "bf16", lambda t: {k: v.astype(jnp.bfloat16) for k, v in t.items()})
+    import_hf_critic(bf16, run)
+    critic = _critic(run)
+    assert critic.ccfg.model.param_dtype == critic.ccfg.model.compute_dtype == "bfloat16"
+    assert critic.state.params["trunk"]["embed"].dtype == jnp.bfloat16 and critic.state.params["head"]["kernel"].dtype == jnp.float32
+    ref = json.loads((CRITICS / "llama" / "reference_scores.json").read_text())
+    tokens, lens = np.asarray(ref["tokens"], np.int32), np.asarray(ref["attention_mask"], np.int32).sum(axis=1)
+    got = np.asarray(critic.fns.score_tokens(critic.state, tokens, lens).members_kb[0])
+    np.testing.assert_allclose(got, ref["scores"], atol=0.1)  # bfloat16 weights and compute: close, not exact
