@@ -139,15 +139,20 @@ def _groups(rewards_b: jax.Array, group_size: int) -> jax.Array:
     return rewards_b.astype(jnp.float32).reshape(b // group_size, group_size)
 
 
-def grpo_advantages(rewards_b: jax.Array, group_size: int, std_normalize: bool = True, eps: float = 1e-6) -> jax.Array:
-    """GRPO: (r_i - mean_group r) / (std_group r + eps), population std (ddof=0). `[B]`.
+def grpo_advantages(
+    rewards_b: jax.Array, group_size: int, std_normalize: bool = True, eps: float = 1e-6, std_ddof: int = 0
+) -> jax.Array:
+    """GRPO: (r_i - mean_group r) / (std_group r + eps). `[B]`. The group std divides by G - std_ddof: population
+    std (ddof=0, ours by default) or sample std (ddof=1, as TRL and Tunix compute it; needs G >= 2).
 
     std_normalize=False is Dr. GRPO: r_i - mean_group r.
     """
+    if std_normalize and std_ddof >= group_size:
+        raise ValueError(f"a sample std (ddof={std_ddof}) needs at least {std_ddof + 1} samples per prompt, got {group_size}")
     r_ng = _groups(rewards_b, group_size)
     adv_ng = r_ng - r_ng.mean(axis=1, keepdims=True)
     if std_normalize:
-        adv_ng = adv_ng / (r_ng.std(axis=1, keepdims=True) + eps)
+        adv_ng = adv_ng / (r_ng.std(axis=1, keepdims=True, ddof=std_ddof) + eps)
     return adv_ng.reshape(-1)
 
 
@@ -272,7 +277,7 @@ def _sequence_rewards(cfg: LearnerConfig, x: AdvantageInputs, kl_coef: jax.Array
 
 
 def _grpo(cfg: LearnerConfig, x: AdvantageInputs, group_size: int, kl_coef: jax.Array) -> Advantages:
-    adv_b = grpo_advantages(_sequence_rewards(cfg, x, kl_coef), group_size, cfg.std_normalize, cfg.adv_eps)
+    adv_b = grpo_advantages(_sequence_rewards(cfg, x, kl_coef), group_size, cfg.std_normalize, cfg.adv_eps, cfg.std_ddof)
     return Advantages(broadcast_to_tokens(adv_b, x.mask_bt), None)
 
 

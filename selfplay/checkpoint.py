@@ -3,13 +3,21 @@
 One `Checkpointer` per directory wraps an orbax `CheckpointManager` with two items per step: `state`
 (a pytree of arrays) and `meta` (JSON: counters, RNG states of host-side generators, data position).
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it when
-complete); a state with NaN/Inf is refused, so a bad step never replaces a good checkpoint.
+complete); a state with NaN/Inf is refused, so a bad step never replaces a good checkpoint. Once a save is complete,
+`CHECKSUM_FILE` in its step directory records the SHA-256 of every file orbax wrote; a restore checks them first, so
+damage that orbax itself would read back without complaint (flipped bytes, a truncated data file) is a
+CheckpointError naming the file. A step without that file (saved by an older version, or killed between the commit
+and the checksums) is restored on orbax's own checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,55 @@ from selfplay.config import UserError
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or would be unsafe to write; the message names the path."""
+
+
+CHECKSUM_FILE = "selfplay_checksums.json"
+_CHUNK = 1 << 22
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_files(step_dir: Path) -> dict[str, Path]:
+    return {p.relative_to(step_dir).as_posix(): p for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUM_FILE}
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """The first line of a library's error, its middle cut when long: tensorstore names the file first and the
+    operating system's reason (`File too large`, `No space left on device`) last."""
+    line = message.splitlines()[0] if message else ""
+    return line if len(line) <= limit else line[: limit // 2] + " ... " + line[-limit // 2:]
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Record the SHA-256 of every file of a complete step directory (atomically: a temporary file, then a rename)."""
+    sums = {name: _sha256(p) for name, p in _step_files(step_dir).items()}
+    tmp = step_dir / (CHECKSUM_FILE + ".tmp")
+    tmp.write_text(json.dumps(sums, indent=0, sort_keys=True))
+    os.replace(tmp, step_dir / CHECKSUM_FILE)
+
+
+def verify_checksums(step_dir: Path) -> None:
+    """CheckpointError naming the first file of `step_dir` that is missing or differs from its recorded SHA-256; a
+    step without recorded checksums passes."""
+    path = step_dir / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}): the step cannot be verified") from None
+    for name, digest in sums.items():
+        f = step_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {CHECKSUM_FILE})")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} differs from its checksum (damaged after it was written)")
 
 
 @jax.jit
@@ -76,6 +133,7 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._unsummed: list[int] = []  # steps saved (maybe still in flight) whose checksums are not written yet
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -88,23 +146,47 @@ class Checkpointer:
         clean_metrics = None
         if metrics is not None:
             clean_metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
-        try:
+        self.wait()  # the previous save must be complete (and summed) before this one starts; orbax would wait too
+        with self._save_errors(step):
             self._manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
                 metrics=clean_metrics,
                 force=True,
             )
-        except OSError as e:
-            raise CheckpointError(f"cannot save step {step} to {self.directory}: {e.strerror or e}; the last good checkpoint is kept") from None
+        self._unsummed.append(step)
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int | None) -> Iterator[None]:
+        """Any failure of a save (orbax raises OSError, or re-raises an asynchronous save's error, of any type, on the
+        next call) as one CheckpointError line."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:
+            reason = _one_line(getattr(e, "strerror", None) or str(e) or type(e).__name__)
+            what = f"step {step}" if step is not None else "a checkpoint"
+            raise CheckpointError(f"cannot save {what} to {self.directory}: {reason}; the last good checkpoint is kept") from None
 
     def wait(self) -> None:
-        """Block until every pending asynchronous save is complete on disk."""
-        self._manager.wait_until_finished()
+        """Block until every pending asynchronous save is complete on disk, then record its checksums
+        (CheckpointError if a save failed: the last good checkpoint stays)."""
+        pending = self._unsummed[-1] if self._unsummed else None
+        with self._save_errors(pending):
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                for step in self._unsummed:
+                    step_dir = self.directory / str(step)
+                    if step_dir.is_dir():  # it may have been removed by the preservation policy already
+                        write_checksums(step_dir)
+        self._unsummed.clear()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -135,11 +217,12 @@ class Checkpointer:
         return step
 
     def _restore(self, step: int, **items: Any) -> Any:
+        if "state" in items:
+            verify_checksums(self.directory / str(step))
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and tensorstore raise bare Exceptions for damaged files
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {reason[:300]}") from None
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {_one_line(str(e) or type(e).__name__)}") from None
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """Restore (state, meta) at `step` (default: latest). `target` (arrays or ShapeDtypeStructs,

@@ -206,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """orbax logs routine notes (read-only managers, temporary directories) as absl warnings; a user needs none."""
+    """orbax logs routine notes (read-only managers, temporary directories) as absl warnings, and a failed save's
+    traceback as errors from its threads; a user needs neither: the error reaches our code and is one line."""
     import logging
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

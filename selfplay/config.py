@@ -1,4 +1,4 @@
-"""The typed config tree (model, actor, critic, learner, world, pretrain, monitor, run, mesh; bench apart), its strict
+"""The typed config tree (model, actor, critic, learner, reward, world, pretrain, monitor, run, mesh; bench apart), its strict
 loader (YAML files that may extend a `base:` file, plus dotted overrides) and every check of a config's values.
 
 Unknown keys, wrong types, bad YAML and inconsistent values are `ConfigError`s naming the culprit (dotted key, expected
@@ -195,9 +195,12 @@ class CriticConfig:
     uncertainty_coef: float = 1.0  # lambda in mean - lambda * std
     bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training pairs
     label_source: Literal["world", "discriminator", "file"] = "world"  # file: `critic train --pairs FILE.jsonl`
-    # Labels for the whole run. `critic train` spends all of it but the refreshes' reserve,
-    # refresh_budget * (run.rounds // refresh_every).
+    # Labels for the whole run: the initial critic spends `initial_labels`, each refresh `refresh_budget`.
     label_budget: int = 2000
+    # Labels `critic train` spends. 0: all of label_budget but the refreshes' reserve, refresh_budget * (run.rounds //
+    # refresh_every) -- which ties the initial critic to run.rounds, so such a run refuses a run.rounds change on
+    # resume. Set it to extend a run later: then run.rounds (and label_budget) may change on resume.
+    initial_labels: int = 0
     label_noise: float = 0.0
     heldout_fraction: float = 0.1  # share of the labelled pairs kept out of training, for accuracy
     margin: float = 0.0
@@ -225,7 +228,7 @@ class CriticConfig:
             raise ConfigError(f"{prefix}.label_noise must be in [0, 0.5], got {self.label_noise}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"{prefix}.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        for name in ("label_budget", "steps", "refresh_every", "refresh_budget", "refresh_steps", "eval_samples"):
+        for name in ("label_budget", "initial_labels", "steps", "refresh_every", "refresh_budget", "refresh_steps", "eval_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
@@ -261,6 +264,7 @@ class LearnerConfig:
     loss_agg: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     loss_agg_constant: float = 0.0  # Dr. GRPO's normaliser for loss_agg=constant; 0: the loss arrays' token width T
     std_normalize: bool = True  # GRPO's division by the group std (Dr. GRPO: false)
+    std_ddof: int = 0  # GRPO's group std divides by G - std_ddof: 0 population std (ours), 1 sample std (TRL, Tunix)
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # ppo's token reward is k1 by definition
     kl_in_reward: bool = False  # grpo/rloo: subtract beta * sum_t KL_t from the reward instead of a loss term
@@ -290,6 +294,8 @@ class LearnerConfig:
                       unit=("gamma", "lam"))
         if self.max_grad_norm <= 0:
             raise ConfigError(f"{prefix}.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.std_ddof not in (0, 1):
+            raise ConfigError(f"{prefix}.std_ddof must be 0 (population std) or 1 (sample std, as TRL and Tunix), got {self.std_ddof}")
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
             raise ConfigError(f"{prefix}.kl_target and {prefix}.kl_horizon must be > 0 with {prefix}.adaptive_kl")
         if self.ptx_coef < 0:
@@ -298,6 +304,45 @@ class LearnerConfig:
             raise ConfigError(
                 f"{prefix}.ptx_batch ({self.ptx_batch}) must be a positive multiple of {prefix}.minibatches ({self.minibatches})"
             )
+
+
+# "package.module:function" (dotted module path, a colon, then the attribute: TRL users' own reward functions)
+REWARD_FN_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """What the learner maximises: critic_weight x the critic's (normalised) score + sum_i weights[i] x fns[i]'s reward.
+
+    Each of `fns` is "package.module:function", importable where the run starts, with TRL's signature
+    `fn(prompts, completions, **columns) -> list[float | None]`: prompts and completions are the batch's texts (a
+    conversational prompt rendered with the chat template, as the policy saw it), columns the prompts file's other
+    keys as lists aligned with them. None means "does not apply": left out of that function's mean, 0 in the sum.
+    Imports are checked before any work (selfplay.rewards). With run.reward_source=gold the gold grader takes the
+    critic's place in the sum. With fns or critic_weight != 1, `reward/mean` and `reward/std` report the total (TRL's
+    `reward`), `reward/critic_mean` and `/std` the critic's score, `rewards/<fn name>/mean` and `/std` each function's.
+    """
+
+    critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (it is still logged)
+    fns: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # one per fn; empty: 1.0 each
+
+    def validate(self, prefix: str) -> None:
+        if self.critic_weight < 0:
+            raise ConfigError(f"{prefix}.critic_weight must be >= 0, got {self.critic_weight}")
+        for i, ref in enumerate(self.fns):
+            if not REWARD_FN_PATTERN.match(ref):
+                raise ConfigError(f"{prefix}.fns[{i}]: expected 'package.module:function', got {ref!r}")
+        if self.weights and len(self.weights) != len(self.fns):
+            raise ConfigError(
+                f"{prefix}.weights has {len(self.weights)} entries for {len(self.fns)} {prefix}.fns (give one per fn, or none for 1.0 each)"
+            )
+        if not self.fns and self.critic_weight == 0:
+            raise ConfigError(f"{prefix}.critic_weight=0 without {prefix}.fns leaves nothing to reward")
+
+    @property
+    def resolved_weights(self) -> tuple[float, ...]:
+        return self.weights or (1.0,) * len(self.fns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +373,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     eval_prompts: int = 64  # held-out prompts of the final SFT-vs-trained table (two essays each)
     train_prompts: int = 4096  # size of the world's training-prompt pool the rounds cycle through
-    prompts_file: str = ""  # JSONL of {"prompt": ...}: train on these instead of the world's prompts (no gold grader)
+    # JSONL of {"prompt": "..."} or TRL's conversational {"prompt": [{"role": ..., "content": ...}, ...]} (rendered with
+    # RUN_DIR/tokenizer_config.json's chat_template): train on these instead of the world's prompts (no gold grader).
+    # A line's other keys (e.g. "answer") reach the reward.fns as columns.
+    prompts_file: str = ""
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
     reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
     ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
@@ -447,6 +495,7 @@ class Config:
     actor: ActorConfig = ActorConfig()
     critic: CriticConfig = CriticConfig()
     learner: LearnerConfig = LearnerConfig()
+    reward: RewardConfig = RewardConfig()
     world: WorldConfig = WorldConfig()
     pretrain: PretrainConfig = PretrainConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -463,6 +512,7 @@ class Config:
         check_critic_init(self.critic, self.model)
         check_label_reserve(self)
         check_batch_minibatches(self.actor, self.learner)
+        check_group_std(self.actor, self.learner)
         check_reward_source(self.run)
         check_ptx_source(self.learner, self.run)
         return self
@@ -505,19 +555,31 @@ def check_critic_init(critic: CriticConfig, model: ModelConfig) -> None:
 
 def label_reserve(cfg: Config) -> int:
     """Labels kept back for the critic refreshes of the whole run: critic.refresh_budget x (run.rounds //
-    critic.refresh_every), 0 without refreshes. `critic train` spends critic.label_budget minus this."""
+    critic.refresh_every), 0 without refreshes."""
     c = cfg.critic
     return c.refresh_budget * (cfg.run.rounds // c.refresh_every) if c.refresh_every else 0
 
 
+def initial_label_count(cfg: Config) -> int:
+    """Labels `critic train` spends: critic.initial_labels, or (0) critic.label_budget minus the refreshes' reserve."""
+    c = cfg.critic
+    return c.initial_labels or c.label_budget - label_reserve(cfg)
+
+
 def check_label_reserve(cfg: Config) -> None:
-    """The refreshes' reserve must leave labels for the initial critic training (whatever critic.label_source)."""
+    """The initial training and the refreshes' reserve must fit critic.label_budget, leaving the initial training
+    some labels (whatever critic.label_source)."""
     c, reserve = cfg.critic, label_reserve(cfg)
+    how = (f"critic.refresh_budget {c.refresh_budget} x run.rounds {cfg.run.rounds} // critic.refresh_every "
+           f"{c.refresh_every} = {reserve}")
+    if c.initial_labels and c.initial_labels + reserve > c.label_budget:
+        raise ConfigError(
+            f"critic.label_budget ({c.label_budget}) is smaller than critic.initial_labels ({c.initial_labels}) plus the "
+            f"refreshes' reserve ({how}): raise critic.label_budget"
+        )
     if reserve and reserve >= c.label_budget:
         raise ConfigError(
-            f"critic.label_budget ({c.label_budget}) leaves nothing for the initial training after the refreshes' reserve "
-            f"(critic.refresh_budget {c.refresh_budget} x run.rounds {cfg.run.rounds} // critic.refresh_every "
-            f"{c.refresh_every} = {reserve})"
+            f"critic.label_budget ({c.label_budget}) leaves nothing for the initial training after the refreshes' reserve ({how})"
         )
 
 
@@ -528,6 +590,14 @@ def check_batch_minibatches(actor: ActorConfig, learner: LearnerConfig) -> None:
         raise ConfigError(
             f"actor.prompts_per_round x actor.samples_per_prompt ({rows}) "
             f"must be divisible by learner.minibatches ({learner.minibatches})"
+        )
+
+
+def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
+    """GRPO's sample std (learner.std_ddof=1) of a group of one essay divides by zero."""
+    if learner.algorithm == "grpo" and learner.std_normalize and actor.samples_per_prompt <= learner.std_ddof:
+        raise ConfigError(
+            f"learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got {actor.samples_per_prompt}"
         )
 
 

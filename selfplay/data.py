@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from selfplay.chat import TOKENIZER_CONFIG_FILE, ChatTemplate, ChatTemplateError
 from selfplay.config import UserError
 from selfplay.types import PtxRows
 
@@ -80,13 +81,58 @@ def read_jsonl(
     return rows
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file of `{"prompt": "..."}` lines."""
-    rows = read_jsonl(path, {"prompt": str})
+RESERVED_PROMPT_KEYS = ("prompts", "completions")  # the reward functions' own arguments
+
+
+def _prompt_problem(row: dict) -> str | None:
+    """Why `row` is not a prompt: a column named like a reward function's argument, or a "prompt" that is neither a
+    non-empty string nor TRL's conversational format, a non-empty list of {"role": str, "content": str} messages."""
+    reserved = [k for k in RESERVED_PROMPT_KEYS if k in row]
+    if reserved:
+        return f"'{reserved[0]}' cannot be a column: reward functions receive the batch's {reserved[0]} under that name"
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "'prompt' is empty"
+    if not isinstance(prompt, list):
+        return f"'prompt' must be a str or a list of {{\"role\", \"content\"}} messages, got {type(prompt).__name__}"
+    if not prompt:
+        return "'prompt' is an empty conversation"
+    for i, m in enumerate(prompt, start=1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"'prompt' message {i} must be an object with string 'role' and 'content', got {json.dumps(m)[:80]}"
+    return None
+
+
+def read_prompt_rows(path: str | Path) -> list[dict]:
+    """The rows of a prompts file: `{"prompt": "..."}` (plain) or `{"prompt": [{"role": ..., "content": ...}, ...]}`
+    (TRL's conversational format), each with its other keys (the columns reward functions receive) and `_line`."""
+    return read_jsonl(path, {"prompt": object}, what="prompts", check=_prompt_problem)
+
+
+def prompt_texts(rows: Sequence[dict], chat_template: ChatTemplate | None, path: str | Path) -> list[str]:
+    """The text the policy sees for each row of `path`: a plain prompt as it is, a conversation rendered with the
+    model's chat template. A conversation without a template, or one the template refuses, is a DataError naming
+    FILE:LINE."""
+    out = []
     for r in rows:
-        if not r["prompt"].strip():
-            raise DataError(f"{path}:{r['_line']}: 'prompt' is empty")
-    return [r["prompt"] for r in rows]
+        if isinstance(r["prompt"], str):
+            out.append(r["prompt"])
+            continue
+        if chat_template is None:
+            raise DataError(
+                f"{path}:{r['_line']}: a conversational prompt needs the model's chat template, and the run directory's "
+                f"{TOKENIZER_CONFIG_FILE} has none (no file or no 'chat_template' key; `selfplay import-hf` copies the model's)"
+            )
+        try:
+            out.append(chat_template.render(r["prompt"]))
+        except ChatTemplateError as e:
+            raise DataError(f"{path}:{r['_line']}: {e}") from None
+    return out
+
+
+def read_prompts(path: str | Path, chat_template: ChatTemplate | None = None) -> list[str]:
+    """The prompt texts of a JSONL prompts file (see `read_prompt_rows`, `prompt_texts`)."""
+    return prompt_texts(read_prompt_rows(path), chat_template, path)
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str]]:

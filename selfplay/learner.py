@@ -177,6 +177,14 @@ def init_train_state(
     return state
 
 
+def _keep_if_finite(new: Any, old: Any) -> tuple[Any, jax.Array]:
+    """(`new` if every floating leaf of it is finite, else `old`; whether it was). apply_if_finite checks only the
+    gradient: a finite gradient can still give a non-finite update (a NaN learning rate, an overflowing moment)."""
+    leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old), ok
+
+
 def _model_inputs(rollout: Rollout, prompt_width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return rollout.tokens_bl, rollout.positions_bl(prompt_width), rollout.valid_mask_bl(prompt_width)
 
@@ -252,7 +260,7 @@ def make_update_step(
     Metrics (float32 scalars; means over the E x M minibatches unless said otherwise): loss/policy (the clipped
     surrogate), loss/value (0 without ppo), loss/ptx (the human examples' mean token NLL; 0 without them), kl,
     entropy, clip_ratio/{low,high,region}, policy/approx_kl, grad_norm (before clipping), update_norm, lr (of the last optimiser update), skipped_nonfinite (int32,
-    updates skipped in this step for NaN/Inf gradients), kl_coef (the beta this step used), advantages/{mean,std}
+    updates skipped in this step: a NaN/Inf gradient, or a finite one whose update or new state is not finite), kl_coef (the beta this step used), advantages/{mean,std}
     (over completion tokens); with ppo also value/clip_frac and value/skipped_nonfinite; with a plain sampler
     policy/sampling_logprob_gap (mean |sampling - pi_old log-prob| on completion tokens: should be ~0 when the
     sampler and the teacher-forced pass agree).
@@ -349,12 +357,16 @@ def make_update_step(
             (_, metrics), grads = grad_fn(params, value_params, mb, kl_coef, ptx)
             if is_ppo:
                 grads, value_grads = grads
-                value_updates, value_opt_state = value_optimizer.update(value_grads, value_opt_state, value_params)
-                value_params = optax.apply_updates(value_params, value_updates)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+                value_updates, new_value_opt_state = value_optimizer.update(value_grads, value_opt_state, value_params)
+                (value_params, value_opt_state), value_ok = _keep_if_finite(
+                    (optax.apply_updates(value_params, value_updates), new_value_opt_state), (value_params, value_opt_state)
+                )
+                metrics["value/nonfinite_update"] = 1 - value_ok.astype(jnp.int32)
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            (params, opt_state), ok = _keep_if_finite((optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["update_norm"] = optax.tree.norm(updates)
+            metrics["nonfinite_update"] = 1 - ok.astype(jnp.int32)
             return (params, opt_state, value_params, value_opt_state), metrics
 
         def epoch(carry, key):
@@ -370,12 +382,18 @@ def make_update_step(
         carry, metrics_em = jax.lax.scan(epoch, carry, jax.random.split(rng, n_epochs))
         params, opt_state, value_params, value_opt_state = carry
 
+        # Updates skipped: for a non-finite gradient (apply_if_finite's count), or for a finite gradient whose update or
+        # resulting state is not finite (e.g. a NaN learning rate; `_keep_if_finite`'s count).
+        bad_updates = metrics_em.pop("nonfinite_update").sum()
+        value_bad_updates = metrics_em.pop("value/nonfinite_update").sum() if is_ppo else None
         metrics = {k: v.mean() for k, v in metrics_em.items()}
         skipped_before = _opt_field(state.opt_state, "total_notfinite", "policy")
-        metrics["skipped_nonfinite"] = _opt_field(opt_state, "total_notfinite", "policy") - skipped_before
+        metrics["skipped_nonfinite"] = _opt_field(opt_state, "total_notfinite", "policy") - skipped_before + bad_updates
         if is_ppo:
             value_skipped_before = _opt_field(state.value_opt_state, "total_notfinite", "value")
-            metrics["value/skipped_nonfinite"] = _opt_field(value_opt_state, "total_notfinite", "value") - value_skipped_before
+            metrics["value/skipped_nonfinite"] = (
+                _opt_field(value_opt_state, "total_notfinite", "value") - value_skipped_before + value_bad_updates
+            )
         metrics["lr"] = jnp.asarray(_opt_field(opt_state, "learning_rate", "policy"), jnp.float32)
         metrics["kl_coef"] = kl_coef
         adv_mean = algorithms.masked_mean(adv.advantages_bt, mask_bt)

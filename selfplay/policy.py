@@ -59,20 +59,21 @@ def tree_to_params(cfg: Config, tree: dict) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def save_policy(run_dir: str | Path, cfg: Config, tokenizer: Tokenizer, params: nnx.State | dict, meta: dict | None = None) -> Path:
-    """Write tokenizer.json, then the params to `run_dir/policy/` (synchronous; orbax makes the step appear whole or
-    not at all), then config.yaml. A policy is complete once its params are there (`has_policy`): a save killed
-    earlier leaves no usable policy, which `clear_incomplete_policy` removes before the next try."""
+    """Write tokenizer.json and config.yaml, then the params to `run_dir/policy/` (synchronous; orbax makes the step
+    appear whole or not at all): the params' commit is the commit of the three. A policy is complete once its params
+    are there (`has_policy`): a save killed earlier leaves no usable policy, which `clear_incomplete_policy` removes
+    before the next try."""
     run_dir = Path(run_dir)
     tokenizer.save(run_dir / TOKENIZER_FILE)
-    checkpoint.save_once(run_dir / POLICY_DIR, params_to_tree(params), meta)
     save_config(cfg, run_dir)
+    checkpoint.save_once(run_dir / POLICY_DIR, params_to_tree(params), meta)
     return run_dir / POLICY_DIR
 
 
 def has_policy(run_dir: str | Path) -> bool:
-    """A complete policy: its params and the tokenizer they were trained with."""
+    """A complete policy: its params, the tokenizer they were trained with and the config that shaped them."""
     run_dir = Path(run_dir)
-    return checkpoint.has_checkpoint(run_dir / POLICY_DIR) and (run_dir / TOKENIZER_FILE).is_file()
+    return all((checkpoint.has_checkpoint(run_dir / POLICY_DIR), (run_dir / TOKENIZER_FILE).is_file(), (run_dir / CONFIG_FILE).is_file()))
 
 
 def clear_incomplete_policy(run_dir: str | Path) -> bool:

@@ -97,12 +97,12 @@ def np_k3(logp, ref):
     return math.exp(ref - logp) - (ref - logp) - 1.0
 
 
-def np_groups_adv(rewards, g, std_normalize, eps):
+def np_groups_adv(rewards, g, std_normalize, eps, ddof=0):
     out = np.zeros(len(rewards))
     for start in range(0, len(rewards), g):
         grp = [float(r) for r in rewards[start : start + g]]
         mean = sum(grp) / g
-        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / g)
+        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (g - ddof))
         for i, r in enumerate(grp):
             out[start + i] = (r - mean) / (std + eps) if std_normalize else r - mean
     return out
@@ -122,6 +122,30 @@ def test_grpo_and_dr_grpo_match_numpy(group_size):
     close(dr, np_groups_adv(REWARDS, group_size, False, 1e-6))
     assert not np.allclose(grpo, dr)  # Dr. GRPO keeps the reward scale GRPO divides away
     assert_finite(grpo, dr)
+
+
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_grpo_sample_std_matches_numpy_and_trl(group_size):
+    fn = jax.jit(alg.grpo_advantages, static_argnames=("group_size", "std_normalize", "std_ddof"))
+    sample = fn(REWARDS, group_size=group_size, std_normalize=True, eps=1e-6, std_ddof=1)
+    population = fn(REWARDS, group_size=group_size, std_normalize=True, eps=1e-6, std_ddof=0)
+    close(sample, np_groups_adv(REWARDS, group_size, True, 1e-6, ddof=1), 1e-4)
+    r_ng = np.asarray(REWARDS, np.float64).reshape(-1, group_size)  # TRL: torch.std (unbiased) per group
+    trl = (r_ng - r_ng.mean(1, keepdims=True)) / (r_ng.std(1, ddof=1, keepdims=True) + 1e-6)
+    close(sample, trl.reshape(-1), 1e-4)
+    # the two conventions differ by sqrt((G - 1) / G) wherever the group is not constant
+    close(np.asarray(sample), np.asarray(population) * math.sqrt((group_size - 1) / group_size), 1e-3)
+
+
+def test_grpo_hand_computed_group_std_both_conventions():
+    r = jnp.array([0.0, 1.0, 2.0, 3.0])  # mean 1.5; squared deviations sum to 5
+    pop = alg.grpo_advantages(r, group_size=4, eps=0.0)
+    smp = alg.grpo_advantages(r, group_size=4, eps=0.0, std_ddof=1)
+    close(pop, np.array([-1.5, -0.5, 0.5, 1.5]) / math.sqrt(5 / 4))
+    close(smp, np.array([-1.5, -0.5, 0.5, 1.5]) / math.sqrt(5 / 3))
+    with pytest.raises(ValueError, match=r"sample std \(ddof=1\) needs at least 2 samples per prompt, got 1"):
+        alg.grpo_advantages(r, group_size=1, std_ddof=1)
+    close(alg.grpo_advantages(r, group_size=1, std_normalize=False, std_ddof=1), np.zeros(4))  # Dr. GRPO: no std
 
 
 def test_grpo_constant_group_gives_zero_not_nan():

@@ -21,7 +21,7 @@ SMALL = [
     "bench.warmup=1", "bench.iterations=1", "bench.batches=[2]", "bench.new_tokens=[6]", "bench.prompt_len=10",
     "bench.matmul_size=128", "bench.bandwidth_mib=4", "actor.max_new_tokens=6", "actor.prompt_buckets=[12]",
     "actor.prompts_per_round=2", "actor.samples_per_prompt=2", "critic.batch_size=2", "critic.seq_buckets=[24, 64]",
-    "critic.refresh_every=2", "critic.refresh_budget=2", "critic.refresh_steps=1", "critic.label_budget=4",
+    "critic.refresh_every=2", "critic.refresh_budget=2", "critic.refresh_steps=1", "critic.label_budget=4", "critic.initial_labels=0",
 ]
 COMMON = {"benchmark", "date", "command", "machine", "load_avg", "roofline", "config", "compile_s", "compilations_timed",
           "traces_timed", "memory", "timing"}

@@ -1,11 +1,14 @@
 """Orbax checkpoints: keep-last-N plus best, NaN refusal, exact restore, clear errors."""
 
+import resource
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfplay.checkpoint import CheckpointError, Checkpointer, has_checkpoint, restore_latest, save_once, tree_is_finite
+from selfplay.checkpoint import CHECKSUM_FILE, CheckpointError, Checkpointer, has_checkpoint, restore_latest, save_once, tree_is_finite
 
 
 def _state(s: int) -> dict:
@@ -98,3 +101,45 @@ def test_has_checkpoint_needs_a_complete_step(tmp_path):
     save_once(tmp_path / "one", _state(2), step=2)
     assert has_checkpoint(tmp_path / "one")
     assert has_checkpoint(str(tmp_path / "one"))
+
+
+def _random_state(seed: int) -> dict:
+    # random values: orbax compresses, and a file limit must be reached by a real write
+    return {"w": jnp.asarray(np.random.default_rng(seed).normal(size=(512, 512)), jnp.float32)}
+
+
+def test_flipped_bytes_are_caught_by_the_checksums_and_name_the_file(tmp_path):
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, _random_state(1))
+        ck.wait()
+        step_dir = tmp_path / "ck" / "1"
+        assert (step_dir / CHECKSUM_FILE).is_file()
+        data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 8] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 8])
+        data.write_bytes(bytes(raw))
+        with pytest.raises(CheckpointError, match=f"{data}.*differs from its checksum"):
+            ck.restore(1)
+        (step_dir / CHECKSUM_FILE).unlink()  # a step saved without checksums is restored on orbax's checks alone
+        ck.restore(1)
+
+
+def test_a_failed_asynchronous_save_is_one_error_and_the_last_good_checkpoint_stays(tmp_path):
+    """A full disk, simulated by a file-size limit: orbax's background write fails; the error reaches the caller as one
+    CheckpointError at the next wait, and the previous step is intact and restorable."""
+    with Checkpointer(tmp_path / "ck", keep_last=1) as ck:
+        ck.save(1, _random_state(1))
+        ck.wait()
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        try:
+            with pytest.raises(CheckpointError, match=r"cannot save step 2 .*File too large.*last good checkpoint is kept"):
+                ck.save(2, _random_state(2))
+                ck.wait()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old_handler)
+        assert ck.steps() == [1]
+        state, _ = ck.restore(1)
+    np.testing.assert_array_equal(state["w"], _random_state(1)["w"])

@@ -23,6 +23,7 @@ from selfplay.config import (
     check_ptx_source,
     check_reward_source,
     dump_config,
+    initial_label_count,
     label_reserve,
     load_bench_config,
     load_config,
@@ -264,6 +265,8 @@ def test_load_config_checks_then_ignores_the_bench_section(tmp_path):
          ["critic.refresh_every=4", "critic.refresh_budget=199", "run.rounds=40"],
          "critic.label_budget (2000) leaves nothing for the initial training after the refreshes' reserve "
          "(critic.refresh_budget 200 x run.rounds 40 // critic.refresh_every 4 = 2000)"),
+        (["learner.std_ddof=1", "actor.samples_per_prompt=1"], ["learner.std_ddof=1", "actor.samples_per_prompt=2"],
+         "learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got 1"),
         (["learner.minibatches=3"], ["learner.minibatches=4"],
          "actor.prompts_per_round x actor.samples_per_prompt (64) must be divisible by learner.minibatches (3)"),
         (["run.reward_source=gold", "run.prompts_file=p.jsonl"], ["run.reward_source=gold"],
@@ -287,6 +290,16 @@ def test_label_reserve_is_checked_whatever_the_label_source():
     for source in ("world", "discriminator", "file"):
         with pytest.raises(ConfigError, match="leaves nothing for the initial training"):
             load_config(None, [*over, f"critic.label_source={source}"])
+
+
+def test_stated_initial_labels_fix_the_initial_critic_whatever_run_rounds():
+    base = ["critic.refresh_every=10", "critic.refresh_budget=64", "critic.label_budget=1600"]
+    assert initial_label_count(load_config(None, [*base, "run.rounds=60"])) == 1600 - 64 * 6  # derived from run.rounds
+    assert initial_label_count(load_config(None, [*base, "run.rounds=30"])) == 1600 - 64 * 3
+    stated = [*base, "critic.initial_labels=1216"]
+    assert {initial_label_count(load_config(None, [*stated, f"run.rounds={n}"])) for n in (10, 30, 60)} == {1216}
+    with pytest.raises(ConfigError, match=r"critic.label_budget \(1600\) is smaller than critic.initial_labels \(1216\) plus"):
+        load_config(None, [*stated, "run.rounds=70"])
 
 
 def test_cross_section_checks_take_sections_directly():
@@ -337,6 +350,7 @@ def test_validate_after_dataclasses_replace():
         (dict(ptx_coef=-0.1), "sec.ptx_coef must be >= 0, got -0.1"),
         (dict(ptx_coef=1.0, ptx_batch=3, minibatches=2), "sec.ptx_batch (3) must be a positive multiple of sec.minibatches (2)"),
         (dict(ptx_coef=1.0, ptx_batch=0), "sec.ptx_batch (0) must be a positive multiple of sec.minibatches (1)"),
+        (dict(std_ddof=2), "sec.std_ddof must be 0 (population std) or 1 (sample std, as TRL and Tunix), got 2"),
     ],
 )
 def test_learner_config_validate(fields, expected):
@@ -344,7 +358,7 @@ def test_learner_config_validate(fields, expected):
         LearnerConfig(**fields).validate("sec")
     assert str(e.value) == expected
     LearnerConfig(**{**fields, **dict(epochs=1, minibatches=1, grad_accum=1, max_grad_norm=1.0, adaptive_kl=False,
-                                      ptx_coef=0.0)}).validate("sec")  # fmt: skip
+                                      ptx_coef=0.0, std_ddof=1)}).validate("sec")  # fmt: skip
 
 
 def test_learner_checks_run_when_the_config_loads_and_in_the_learner():

@@ -222,7 +222,7 @@ def test_init_from_policy(tiny_run, tokenizer):
 
 def test_label_budget_is_exact_and_refresh_respects_it(tokenizer, world, monkeypatch):
     cfg = tiny_cfg(
-        "critic.label_budget=50", "critic.refresh_every=1", "critic.refresh_budget=15", "critic.refresh_steps=2",
+        "critic.label_budget=50", "critic.initial_labels=0", "critic.refresh_every=1", "critic.refresh_budget=15", "critic.refresh_steps=2",
         "run.rounds=2", "critic.batch_size=4", "critic.seq_buckets=[256]",
     )
     assert C.initial_label_count(cfg) == 50 - 2 * 15
@@ -305,7 +305,7 @@ def test_preference_file_formats_and_errors(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path, tokenizer, world):
-    cfg = tiny_cfg("critic.ensemble_size=2", "critic.batch_size=4", "critic.seq_buckets=[256]", "critic.label_budget=40")
+    cfg = tiny_cfg("critic.ensemble_size=2", "critic.batch_size=4", "critic.seq_buckets=[256]", "critic.label_budget=40", "critic.initial_labels=0")
     critic = C.init_critic(cfg, tokenizer, world=world)
     critic.pool.add(human_pairs(world, critic.labeller, 12, seed=3))
     C.train(critic, 2)
@@ -344,7 +344,7 @@ def test_save_load_round_trip(tmp_path, tokenizer, world):
 
 
 def test_cli_critic_train(tiny_run, tmp_path, capsys):
-    args = ["critic.steps=6", "critic.label_budget=20", "critic.refresh_every=0", "critic.eval_samples=4", "critic.batch_size=4", "critic.seq_buckets=[128,256]"]
+    args = ["critic.steps=6", "critic.label_budget=20", "critic.initial_labels=0", "critic.refresh_every=0", "critic.eval_samples=4", "critic.batch_size=4", "critic.seq_buckets=[128,256]"]
     assert main(["critic", "train", "--run-dir", str(tiny_run), "--no-progress", *args]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "Spearman with gold" in out

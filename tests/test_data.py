@@ -21,9 +21,12 @@ def test_read_prompts_and_line_numbers(tmp_path):
         ('{"prompt": "a"}\n{"prompt": "b"\n', ":2: invalid JSON"),
         ('{"prompt": "a"}\n["x"]\n', ":2: expected a JSON object, got list"),
         ('{"prompt": "a"}\n{"promt": "b"}\n', ":2: missing key 'prompt'"),
-        ('{"prompt": 3}\n', ":1: 'prompt' must be a str, got int"),
+        ('{"prompt": 3}\n', ":1: 'prompt' must be a str or a list of {\"role\", \"content\"} messages, got int"),
+        ('{"prompt": []}\n', ":1: 'prompt' is an empty conversation"),
+        ('{"prompt": [{"role": "user"}]}\n', ":1: 'prompt' message 1 must be an object with string 'role' and 'content'"),
         ('{"prompt": "  "}\n', ":1: 'prompt' is empty"),
-        ("\n\n", ": no records"),
+        ('{"prompt": "a", "completions": 1}\n', ":1: 'completions' cannot be a column: reward functions receive the batch's"),
+        ("\n\n", ": no prompts"),
     ],
 )
 def test_malformed_lines_are_named(tmp_path, text, expected):

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from selfplay import learner
@@ -206,6 +207,29 @@ def test_nonfinite_reward_skips_the_update_bitwise_and_counts_it():
     assert int(metrics["skipped_nonfinite"]) == 0
     assert not np.array_equal(before[0]["table"], np.asarray(state.params["table"]))
     assert int(state.opt_state.total_notfinite) == cfg.epochs * cfg.minibatches
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_finite_gradient_with_a_nonfinite_update_is_skipped_and_counted(algorithm):
+    """A NaN learning rate (or an overflowing moment) turns a finite gradient into a NaN update: apply_if_finite lets it
+    through, the step must not."""
+    cfg = dataclasses.replace(BASE, algorithm=algorithm, lam=0.9, epochs=2, minibatches=2)
+    nan_lr = optax.apply_if_finite(optax.inject_hyperparams(optax.sgd)(learning_rate=float("nan")), max_consecutive_errors=10**9)
+    update_step = make(cfg, optimizer=nan_lr)
+    ref_params = zero_policy()
+    state = learner.init_train_state(
+        cfg, random_policy(1), optimizer=nan_lr, value_params=zero_values() if algorithm == "ppo" else None
+    )
+    before = snapshot(state)
+    state, metrics = update_step(state, batch_for(state.params, ref_params, jax.random.key(0)), jax.random.key(1))
+    assert int(metrics["skipped_nonfinite"]) == cfg.epochs * cfg.minibatches
+    if algorithm == "ppo":
+        assert int(metrics["value/skipped_nonfinite"]) == cfg.epochs * cfg.minibatches
+    after = snapshot(state)
+    for a, b in zip(jax.tree.leaves((before.params, before.opt_state, before.value_params)),
+                    jax.tree.leaves((after.params, after.opt_state, after.value_params))):
+        np.testing.assert_array_equal(a, b)  # params and optimiser state untouched
+    assert np.isfinite(np.asarray(jax.tree.leaves(after.params)[0])).all()
 
 
 def test_one_compilation_for_repeated_steps_and_the_sampling_gap():

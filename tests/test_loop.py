@@ -90,6 +90,39 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     assert ma == mb
 
 
+def test_extending_a_run_equals_a_run_of_the_new_length_from_the_start(prepared, tmp_path):
+    """run.rounds may grow on resume when nothing already computed depends on it: the initial critic (trained here, in
+    the run, from critic.initial_labels) and the refreshes' labels are those of a run that was that long from the
+    start, and so is every leaf of the final state."""
+    quiet = Console(quiet=True)
+    runs = {}
+    for name, lengths in (("straight", [4]), ("extended", [2, 4])):
+        run = runs[name] = _copy(prepared, tmp_path, name)
+        shutil.rmtree(run / "critic")
+        (run / SFT_EVAL_FILE).unlink()
+        for n in lengths:
+            train(run, None if n != lengths[0] else TINY, [f"run.rounds={n}", "run.checkpoint_every=1"], progress=False,
+                  console=quiet)
+    (fa, ma), (fb, mb) = _final_flat(runs["straight"]), _final_flat(runs["extended"])
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    assert ma == mb and ma["critic"]["labels_used"] == 48 + 2 * 8  # the initial labels, then rounds 2 and 4 refresh
+
+
+def test_a_length_change_that_would_change_the_past_is_refused(prepared, tmp_path, capsys):
+    cases = {
+        "cosine": (["learner.schedule=cosine"], "run.rounds cannot change from 2 to 4 on resume with learner.schedule=cosine"),
+        "derived": (["critic.initial_labels=0"], "changing run.rounds on resume would change the initial critic's labels"),
+    }
+    for name, (extra, message) in cases.items():
+        run = _copy(prepared, tmp_path, name)
+        train(run, TINY, ["run.rounds=2", *extra], progress=False, console=Console(quiet=True))
+        assert main(["train", "--run-dir", str(run), "--no-progress", "run.rounds=4"]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["train", "--run-dir", str(run), "--no-progress", "run.rounds=2"]) == 0  # the same length resumes
+
+
 def test_rerun_at_the_final_round_runs_nothing_and_eval_repeats_the_table(prepared, tmp_path, capsys):
     run = _copy(prepared, tmp_path, "final")
     quiet = Console(quiet=True)
@@ -241,12 +274,26 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
                                 "critic.refresh_every=0", "learner.ptx_coef=0.5"], progress=False, console=Console(quiet=True))
 
 
-def test_a_damaged_checkpoint_is_skipped_kept_aside_and_its_round_run_again(prepared, tmp_path):
+def _truncate(step_dir):
+    for data in [p for p in (step_dir / "state").rglob("*") if p.is_file()]:
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated files, as a full disk leaves them
+
+
+def _flip(step_dir):
+    # 8 flipped bytes in the largest data file: orbax reads them back without complaint; the checksums catch them
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    mid = len(raw) // 2
+    raw[mid: mid + 8] = bytes(b ^ 0xFF for b in raw[mid: mid + 8])
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped"])
+def test_a_damaged_checkpoint_is_skipped_kept_aside_and_its_round_run_again(prepared, tmp_path, damage):
     run = _copy(prepared, tmp_path, "damaged")
     quiet = Console(quiet=True)
     train(run, None, ["run.rounds=3", "run.checkpoint_every=1"], progress=False, console=quiet)
-    for data in [p for p in (run / CHECKPOINT_DIR / "3" / "state").rglob("*") if p.is_file()]:
-        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated files, as a full disk leaves them
+    damage(run / CHECKPOINT_DIR / "3")
     console = Console(record=True, width=300)
     train(run, None, ["run.rounds=4", "run.checkpoint_every=1"], progress=False, console=console)
     text = console.export_text()
@@ -294,4 +341,44 @@ def test_user_files_are_checked_before_any_work(prepared, tmp_path, capsys):
     assert main([*common, "actor.too_long_prompt=truncate", f"run.prompts_file={prompts}", f"run.ptx_file={human}",
                  "learner.ptx_coef=1.0"]) == 2
     assert f"{human}:2: missing key 'completion'" in capsys.readouterr().err
+    assert not (run / "policy").exists() and not (run / "config.yaml").exists()  # nothing was started
+
+
+def test_a_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypatch, capsys):
+    """A full disk at round 3's save: the run stops with one line (exit 2), round 2's checkpoint stays the latest and
+    intact, and the same command resumes from it once there is room again."""
+    from orbax.checkpoint import CheckpointManager
+
+    run = _copy(prepared, tmp_path, "full")
+    real_save = CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress", "run.rounds=4", "run.checkpoint_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert "round 3: cannot save step 3" in err and "No space left on device" in err and "Traceback" not in err
+    with checkpoint.Checkpointer(run / CHECKPOINT_DIR, read_only=True) as ck:
+        assert ck.steps() == [1, 2]
+        ck.restore(2)
+    monkeypatch.setattr(CheckpointManager, "save", real_save)
+    assert main(["train", "--run-dir", str(run), "--no-progress", "run.rounds=4", "run.checkpoint_every=1"]) == 0
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+
+
+def test_an_unwritable_run_directory_or_a_full_disk_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "blocked"
+    run.mkdir()
+    (run / "tb").write_text("a file where the run's TensorBoard directory goes")
+    assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress"]) == 2
+    assert f"cannot write in {run / 'tb'}" in capsys.readouterr().err
+    (run / "tb").unlink()
+    from selfplay.run import setup
+
+    monkeypatch.setattr(setup.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
+    assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress"]) == 2
+    assert "MiB free on its disk, a checkpoint of this run needs about" in capsys.readouterr().err
     assert not (run / "policy").exists() and not (run / "config.yaml").exists()  # nothing was started

@@ -13,13 +13,13 @@ from selfplay.critic.critic import (
     calibrate_normalizer,
     critic_from_state,
     init_critic,
-    initial_label_count,
     pair_accuracy,
     refresh,
     score_rollout,
     score_texts,
     train,
 )
+from selfplay.config import initial_label_count
 from selfplay.critic.labels import PairSource, SampleFn, collect_pairs, collection_rngs, generator_sample_fn
 from selfplay.critic.model import (
     ENSEMBLE_AXIS,

@@ -22,8 +22,6 @@ from selfplay.config import (
     ModelConfig,
     UserError,
     check_critic_init,
-    check_label_reserve,
-    label_reserve,
 )
 from selfplay.critic.labels import PairSource, collect_pairs, collection_rngs
 from selfplay.critic.model import (
@@ -67,12 +65,6 @@ class Critic:
     @property
     def seed(self) -> int:
         return self.cfg.run.seed
-
-
-def initial_label_count(cfg: Config) -> int:
-    """Labels `critic train` spends: critic.label_budget minus the refreshes' reserve for the whole run."""
-    check_label_reserve(cfg)
-    return cfg.critic.label_budget - label_reserve(cfg)
 
 
 def init_critic(

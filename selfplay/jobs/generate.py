@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from selfplay.actor import Generator
+from selfplay.chat import load_chat_template
 from selfplay.config import UserError
 from selfplay.data import read_prompts
 from selfplay.policy import load_policy, load_run_config
@@ -21,7 +22,7 @@ def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None
     if prompt is not None:
         prompts = [prompt]
     elif prompts_file is not None:
-        prompts = read_prompts(prompts_file)
+        prompts = read_prompts(prompts_file, load_chat_template(run_dir))
     else:
         if n < 1:
             raise UserError(f"--n must be >= 1, got {n}")

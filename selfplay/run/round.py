@@ -1,7 +1,8 @@
 """One self-play round, stage by stage: rollout -> score -> reference -> update (-> critic refresh), then the host's
 measurements (gold grader, diversity, lengths). `selfplay bench round` times these same stages.
 
-    prompts -> actor -> critic score -> reference log-probs -> learner update (+ human examples, learner.ptx_coef)
+    prompts -> actor -> critic score -> reference log-probs -> reward functions (reward.fns, weighted with the critic)
+        -> learner update (+ human examples, learner.ptx_coef)
     every critic.refresh_every rounds: critic refresh on the policy's own samples
 """
 
@@ -23,6 +24,7 @@ from selfplay.config import Config
 from selfplay.critic import PairSource, refresh, score_rollout
 from selfplay.models import heads, transformer
 from selfplay.monitors import diversity
+from selfplay.rewards import Rewards
 from selfplay.run.state import RunState
 from selfplay.run.task import Task
 from selfplay.world import mean_scores
@@ -104,7 +106,7 @@ def init_learner(cfg: Config, params: Any, optimizer: Any, layout: sharding.Layo
 @dataclasses.dataclass
 class Setup:
     """What every round reads and nothing changes: the config, the task, the policy's sampler, the compiled steps,
-    the frozen reference params and, with refreshes, where the critic's new pairs come from."""
+    the frozen reference params, with refreshes where the critic's new pairs come from, and the reward functions."""
 
     cfg: Config
     task: Task
@@ -112,6 +114,7 @@ class Setup:
     steps: Steps
     ref_params: Any
     refresh_source: PairSource | None
+    rewards: Rewards
 
 
 @dataclasses.dataclass
@@ -133,7 +136,8 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
     sw = Stopwatch()
     t_round = time.perf_counter()
 
-    prompts = [task.train_prompts[i] for i in run.prompts.take(n_prompts)]
+    idx = run.prompts.take(n_prompts)
+    prompts = [task.train_prompts[i] for i in idx]
     rollout, p = sw("timing/rollout", gen.rollout, run.learner.params, prompts, jax.random.fold_in(key_r, 0), g)
     scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
     rewards_b = scores.rewards_b
@@ -144,6 +148,11 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
     grades = task.grades(rep, essays)
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
+    r_fb = total_b = None
+    if not setup.rewards.critic_only:  # a failing reward function stops the round here, before the update
+        r_fb = sw("timing/reward_fns", setup.rewards.call, rep, essays, task.columns(idx, g), rnd)
+        total_b = setup.rewards.total(sharding.to_host(train_rewards), r_fb)
+        train_rewards = steps.place_batch(total_b)
 
     def update() -> dict:
         ptx_rows = run.ptx.take(cfg.learner.ptx_batch) if run.ptx is not None else None
@@ -157,6 +166,8 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     r, raw, mask, eos_b = sharding.to_host((rewards_b, raw_b, rollout.completion_mask_bl, rollout.eos_b))
     metrics |= measure(r, raw, mask, eos_b, essays, grades, g)
+    if r_fb is not None:
+        metrics |= setup.rewards.metrics(r, r_fb, total_b)
     timing = sw.last()
     timing["perf/step_time"] = time.perf_counter() - t_round
     metrics |= timing

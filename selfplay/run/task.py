@@ -1,15 +1,19 @@
-"""What a run trains on: its prompts (the world's, or run.prompts_file), the held-out prompts of the table, the gold
-grader when the world is the task, and the human examples of the learner's pretraining-data term.
+"""What a run trains on: its prompts (the world's, or run.prompts_file, plain or conversational) with the columns
+reward functions receive, the held-out prompts of the table, the gold grader when the world is the task, and the
+human examples of the learner's pretraining-data term.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
+from selfplay.chat import load_chat_template
 from selfplay.config import Config
-from selfplay.data import ExampleStream, read_examples, read_prompts
+from selfplay.data import ExampleStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.policy import Policy
 from selfplay.world import World
 
@@ -20,11 +24,20 @@ PTX_SEED = 0x97
 
 @dataclasses.dataclass
 class Task:
-    """Where prompts come from and, in the essay world, the gold grader."""
+    """Where prompts come from and, in the essay world, the gold grader. `train_columns[i]`: the other JSONL keys of
+    train prompt i (empty in the world), which reward functions receive."""
 
     train_prompts: list[str]
     eval_prompts: list[str]
     world: World | None
+    train_columns: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def columns(self, idx: Sequence[int], g: int) -> dict[str, list]:
+        """The reward functions' columns for train prompts `idx`, each sampled g times: one list per column, aligned
+        with the rollout's rows; a row without a column another row has gets None (as in a datasets table)."""
+        rows = [self.train_columns[i] if self.train_columns else {} for i in idx]
+        names = sorted({k for r in rows for k in r})
+        return {k: [r.get(k) for r in rows for _ in range(g)] for k in names}
 
     def grades(self, prompts: list[str], essays: list[str]) -> list | None:
         """The gold grader's scores of each essay (None without the world): grade once, derive the rest."""
@@ -33,11 +46,16 @@ class Task:
         return [self.world.grade(p, e) for p, e in zip(prompts, essays)]
 
 
-def make_task(cfg: Config) -> Task:
+def make_task(cfg: Config, run_dir: str | Path) -> Task:
+    """The world's prompts, or run.prompts_file's (conversations rendered with RUN_DIR's chat template); its first
+    tenth (at most run.eval_prompts) is held out for the table."""
     if cfg.run.prompts_file:
-        prompts = read_prompts(cfg.run.prompts_file)
+        rows = read_prompt_rows(cfg.run.prompts_file)
+        prompts = prompt_texts(rows, load_chat_template(run_dir), cfg.run.prompts_file)
+        columns = [{k: v for k, v in r.items() if k not in ("prompt", "_line")} for r in rows]
         n_eval = min(cfg.run.eval_prompts, max(1, len(prompts) // 10))
-        return Task(prompts[n_eval:] or prompts, prompts[:n_eval], None)
+        train = slice(n_eval, None) if len(prompts) > n_eval else slice(None)  # too few to hold out: train on all
+        return Task(prompts[train], prompts[:n_eval], None, columns[train])
     world = World.from_config(cfg.world)
     train = world.sample_prompts(cfg.run.train_prompts, np.random.default_rng([cfg.run.seed, TRAIN_PROMPTS_SEED]))
     evals = world.sample_prompts(cfg.run.eval_prompts, np.random.default_rng([cfg.run.seed, EVAL_PROMPTS_SEED]))

@@ -32,11 +32,10 @@ from selfplay.policy import has_policy
 from selfplay.run.evaluate import EVAL_FILE, evaluate, print_table, sft_column, sft_evaluation
 from selfplay.run.lock import RunLock
 from selfplay.run.round import Setup, run_round
-from selfplay.run.setup import CHECKPOINT_DIR, build, check_inputs, resolve_config, start_distributed
+from selfplay.run.setup import CHECKPOINT_DIR, TB_DIR, build, check_inputs, check_run_dir, resolve_config, start_distributed
 from selfplay.run.state import RunState
 from selfplay.tracking import ProgressBar, Tracker, json_safe
 
-TB_DIR = "tb"
 DAMAGED_DIR = "checkpoints.damaged"
 MAX_NONFINITE_ROUNDS = 3  # rounds in a row whose update was skipped as non-finite before the run stops
 
@@ -58,6 +57,7 @@ def train(
     progress = progress and logging_process
     cfg = resolve_config(run_dir, config_path, list(overrides or []))
     check_inputs(cfg, run_dir)
+    check_run_dir(cfg, run_dir)
     # One run per directory: the logging process holds the lock for all processes of a multi-process run.
     with RunLock(run_dir) if logging_process else contextlib.nullcontext():
         return _train(cfg, run_dir, devices, progress=progress, console=console, logging_process=logging_process)
