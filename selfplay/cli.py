@@ -67,6 +67,11 @@ def _cmd_critic_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
+    if args.critic:
+        from selfplay.jobs.import_critic import import_hf_critic
+
+        print(f"imported {args.src_dir} as the critic: {import_hf_critic(args.src_dir, args.run_dir)}, config.yaml's critic section")
+        return 0
     from selfplay.models import hf
 
     run = hf.import_hf(args.src_dir, args.run_dir)
@@ -177,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Hugging Face Llama/Mistral/Qwen2 checkpoint")
     imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
-    imp.add_argument("run_dir", help="a new run directory")
+    imp.add_argument("run_dir", help="a new run directory (with --critic: a run directory holding a policy)")
+    imp.add_argument("--critic", action="store_true", help="SRC is a *ForSequenceClassification reward model (num_labels 1): "
+                     "make it RUN_DIR's critic; its tokenizer.json must be the policy's")
     imp.set_defaults(fn=_cmd_import_hf)
 
     exp = sub.add_parser("export-hf", help="write RUN_DIR's policy (latest round, else SFT) as a Hugging Face checkpoint in OUT_DIR")

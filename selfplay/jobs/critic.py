@@ -5,7 +5,7 @@ train the reward model, report held-out accuracy and (in the world) Spearman wit
     selfplay critic train --run-dir runs/tiny
 
 Writes RUN_DIR/critic/ (state, meta, pairs.jsonl), RUN_DIR/critic_report.json and the training curve to
-RUN_DIR/tb/critic (TensorBoard).
+RUN_DIR/tb/critic (TensorBoard). A critic brought by `import-hf --critic` is trained further, not replaced.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from selfplay.critic import (
     generator_sample_fn,
     init_critic,
     initial_label_count,
+    load_critic,
     pair_accuracy,
     read_preference_file,
     save_replacing,
@@ -38,6 +39,7 @@ from selfplay.critic import (
     spearman,
     train,
 )
+from selfplay.jobs.import_critic import imported_from, mark_imported
 from selfplay.policy import has_policy, load_policy
 from selfplay.tracking import Tracker, json_safe
 from selfplay.world import World
@@ -67,7 +69,11 @@ def train_critic(
         raise UserError(f"{run_dir} has no policy ({run_dir / 'policy'}); run `selfplay pretrain --run-dir {run_dir}` first")
     policy = load_policy(run_dir)
     world = World.from_config(cfg.world) if kind != "file" else None
-    critic = init_critic(cfg, policy.tokenizer, world=world, policy_params=policy.params, policy_model=policy.cfg.model)
+    origin = imported_from(run_dir / CRITIC_DIR)
+    if origin is None:
+        critic = init_critic(cfg, policy.tokenizer, world=world, policy_params=policy.params, policy_model=policy.cfg.model)
+    else:  # an imported reward model is trained further, never replaced by one trained from scratch
+        critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=world)
     gen = Generator(policy, cfg.actor, batch=c.batch_size)
     seed = cfg.run.seed
 
@@ -119,6 +125,8 @@ def train_critic(
     eval_seconds = time.perf_counter() - t0
 
     save_replacing(run_dir / CRITIC_DIR, critic)
+    if origin is not None:
+        mark_imported(run_dir / CRITIC_DIR, origin)
     report["seconds"] = {
         "collect": round(collect_seconds, 1), "train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
         "total": round(time.perf_counter() - t_start, 1),

@@ -16,7 +16,7 @@ from selfplay import checkpoint, learner, perf, sharding
 from selfplay.actor import Generator
 from selfplay.chat import load_chat_template
 from selfplay.config import Config, ConfigError, ModelConfig, UserError, initial_label_count, load_config, to_dict
-from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, load_critic, read_preference_file
+from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, has_critic, load_critic, read_preference_file
 from selfplay.data import DataError, PromptStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.monitors import Monitor
 from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
@@ -52,7 +52,9 @@ def config_differences(a: Config, b: Config) -> list[str]:
 
 def resolve_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> Config:
     """The run's config. A run directory that already trained keeps its config.yaml (overrides may change only
-    RESUMABLE_CHANGES); one holding just a policy (pretrain, import-hf) keeps that policy's model section."""
+    RESUMABLE_CHANGES); one holding just a policy (pretrain, import-hf) keeps that policy's model section, and the
+    shape of its critic when it holds one too (critic train, import-hf --critic): critic.model, ensemble_size and
+    init_from_policy, with critic.seq_buckets cut to that model's context."""
     saved_path = run_dir / CONFIG_FILE
     saved = load_config(saved_path) if saved_path.is_file() else None
     cfg = load_config(saved_path if saved is not None and config_path is None else config_path, overrides)
@@ -69,6 +71,13 @@ def resolve_config(run_dir: Path, config_path: str | None, overrides: list[str])
         return cfg
     if cfg.model != saved.model:
         cfg = dataclasses.replace(cfg, model=saved.model).validate()
+    if has_critic(run_dir / CRITIC_DIR):
+        c = saved.critic
+        buckets = tuple(b for b in cfg.critic.seq_buckets if b <= c.model.max_seq_len) or c.seq_buckets
+        critic = dataclasses.replace(cfg.critic, model=c.model, ensemble_size=c.ensemble_size,
+                                     init_from_policy=c.init_from_policy, seq_buckets=buckets)
+        if critic != cfg.critic:
+            cfg = dataclasses.replace(cfg, critic=critic).validate()
     return cfg
 
 
