@@ -243,7 +243,7 @@ def test_a_users_own_prompts_preferences_and_human_examples(prepared, tmp_path):
 
     run = tmp_path / "own"
     run.mkdir()
-    for name in ("policy", "tokenizer.json"):
+    for name in ("policy", "tokenizer.json", "config.yaml"):  # what `selfplay import-hf` or `pretrain` leaves
         src = prepared / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, run / name)
     world = World.from_config(load_config(TINY).world)  # only to write plausible files; the run never sees it
