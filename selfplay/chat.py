@@ -52,6 +52,15 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+class RenderedPrompt(str):
+    """A prompt written by a chat template. The template already wrote the model's control tokens (`<|im_start|>`,
+    its bos if it wants one) and opened the assistant's turn, so the tokenizer reads the special tokens in it as their
+    ids and adds no [bos] ... [sep] around it, as transformers' `apply_chat_template(tokenize=True)` and TRL do. Any
+    other text keeps special-token strings as plain text."""
+
+    __slots__ = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     """A compiled chat template and the special tokens it may refer to (`bos_token`, `eos_token`, ...)."""
@@ -67,13 +76,13 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.source}: chat_template is not a valid Jinja template: {e.message} (template line {e.lineno})") from None
         object.__setattr__(self, "_compiled", compiled)
 
-    def render(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Messages, add_generation_prompt: bool = True) -> RenderedPrompt:
         """The conversation as text, ending with the assistant's turn opened (add_generation_prompt)."""
         try:
-            return self._compiled.render(  # type: ignore[attr-defined]
+            return RenderedPrompt(self._compiled.render(  # type: ignore[attr-defined]
                 messages=[dict(m) for m in messages], tools=None, documents=None,
                 add_generation_prompt=add_generation_prompt, **self.special_tokens,
-            )
+            ))
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.source}: the chat template refused the conversation: {e}") from None
 

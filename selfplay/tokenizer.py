@@ -20,6 +20,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from selfplay.chat import RenderedPrompt
 from selfplay.config import UserError
 
 PAD, BOS, EOS, SEP = "<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"
@@ -209,7 +210,15 @@ class Tokenizer:
         return self.tk.decode_batch([[int(i) for i in r] for r in rows], skip_special_tokens=True)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """[bos] + prompt + [sep]: what the actor is given before it writes the essay."""
+        """[bos] + prompt + [sep]: what the actor is given before it writes the essay. A prompt a chat template wrote
+        (`RenderedPrompt`) is encoded as it stands, its special tokens read as their ids: the template wrote the
+        control tokens and opened the assistant's turn."""
+        if isinstance(prompt, RenderedPrompt):
+            self.tk.encode_special_tokens = False
+            try:
+                return self.tk.encode(prompt, add_special_tokens=False).ids
+            finally:
+                self.tk.encode_special_tokens = True
         return [self.bos_id, *self.encode(prompt), self.sep_id]
 
     def encode_example(self, prompt: str, essay: str) -> tuple[list[int], list[int]]:

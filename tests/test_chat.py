@@ -70,3 +70,26 @@ def test_conversational_and_plain_prompts_in_one_file(tmp_path):
     prompts.write_text(json.dumps({"prompt": refused["messages"]}) + "\n")
     with pytest.raises(DataError, match=rf"^{prompts}:1: .*Conversation roles must alternate"):
         read_prompts(prompts, ChatTemplate(FIXTURE["templates"]["llama2"], FIXTURE["special_tokens"]))
+
+
+def test_a_rendered_prompt_reads_its_control_tokens_as_ids_and_plain_text_does_not(tmp_path):
+    """As transformers' apply_chat_template(tokenize=True): the template's <|im_start|>/<|im_end|> become their ids and
+    nothing is added around the rendered text; a plain prompt keeps such strings as text and gets [bos] ... [sep]."""
+    import tokenizers
+
+    from selfplay.models.hf import import_hf
+    from selfplay.tokenizer import Tokenizer
+
+    src = Path(__file__).parent / "fixtures" / "hf" / "qwen2_instruct"
+    run = tmp_path / "run"
+    import_hf(src, run)
+    tok = Tokenizer.load(run / "tokenizer.json")
+    rendered = load_chat_template(run).render([{"role": "user", "content": "Write about rivers."}])
+    ids = tok.encode_prompt(rendered)
+    reference = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))  # special tokens matched, as transformers does
+    assert ids == reference.encode(str(rendered), add_special_tokens=False).ids
+    im_start, im_end = tok.tk.token_to_id("<|im_start|>"), tok.tk.token_to_id("<|im_end|>")
+    assert ids[0] == im_start and im_end in ids and ids.count(im_start) == 2  # the user turn, then the assistant's
+    plain = tok.encode_prompt(str(rendered))
+    assert plain[0] == tok.bos_id and plain[-1] == tok.sep_id and im_end not in plain[1:-1]
+    assert tok.encode("<|im_end|>") != [im_end]  # the flag is restored: plain text stays text
