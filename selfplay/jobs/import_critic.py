@@ -109,7 +109,7 @@ def load_hf_critic(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Token
     if not src.is_dir():
         raise UserError(f"{src} is not a directory (a Hugging Face reward model: {hf.CONFIG_FILE}, {hf.WEIGHTS_FILE}, "
                         f"{TOKENIZER_FILE})")
-    raw = hf._read_config(src)
+    raw = hf.read_json(src / hf.CONFIG_FILE)
     if not (src / TOKENIZER_FILE).is_file():
         raise UserError(f"{src}: {TOKENIZER_FILE} is missing (a tokenizer in another format must be converted first)")
     tokenizer = Tokenizer.load(src / TOKENIZER_FILE)
