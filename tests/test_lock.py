@@ -50,4 +50,4 @@ def test_the_lock_of_a_killed_process_is_free(tmp_path):
 def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     assert main(["train", "--config", TINY, "--run-dir", str(tmp_path / "file" / "run"), "--no-progress"]) == 2
-    assert "cannot use" in capsys.readouterr().err
+    assert f"cannot write in {tmp_path / 'file'}: Not a directory" in capsys.readouterr().err  # the run-directory probe
