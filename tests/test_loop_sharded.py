@@ -37,6 +37,9 @@ ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 MESH_222 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 MESH_811 = ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"]
 RTOL, ATOL, PARAM_ATOL = 1e-4, 2e-6, 1e-5
+# Means of zero-centred advantages times ratios near 1: O(1) terms that cancel to ~0, so float32 rounding that depends
+# on the layout's reduction order shows up at a few 1e-6 absolute (seen: 2.9e-6 on 2 processes); the params' tolerance.
+CANCELLING = ("loss/policy", "advantages/mean")
 FROM_TOKENS = ("gold/", "completions/", "diversity/")  # host-side functions of the sampled tokens: exact
 NOT_REPRODUCIBLE = ("timing/", "perf/")
 QUIET = Console(quiet=True)
@@ -99,7 +102,8 @@ def assert_metrics_close(got: dict, want: dict, where: str) -> None:
         if k == "step" or k.startswith(FROM_TOKENS) or want[k] is None:  # None: NaN in JSON
             assert got[k] == want[k], f"{where} {k}: {got[k]} != {want[k]}"
         else:
-            np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=ATOL, err_msg=f"{where} {k}")
+            atol = PARAM_ATOL if k in CANCELLING else ATOL
+            np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=atol, err_msg=f"{where} {k}")
 
 
 def assert_state_close(got: dict, want: dict) -> None:
