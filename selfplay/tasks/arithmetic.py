@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import AbstractSet as Set, Any, Sequence
 
 import numpy as np
 
-from selfplay.config import ArithmeticConfig
+from selfplay.config import ArithmeticConfig, UserError
 
 HELD_OUT_SEED = 0xE7A1
 TRAIN_SEED = 0x7EA1
@@ -58,36 +58,42 @@ def _steps(numbers: Sequence[int], ops: Sequence[str]) -> list[int]:
     return [a * b, a * b + c]  # ("*", "+")
 
 
-# (ops, range of the summands, range of the factors): products stay small enough for a tiny model to learn.
+# (ops, range of the summands, range of the factors): small enough for a tiny model to learn in a minute of CPU.
 FORMS = (
-    (("+",), (1, 99), None),
-    (("*",), None, (2, 12)),
-    (("+", "+"), (1, 50), None),
-    (("+", "*"), (1, 50), (2, 9)),
-    (("*", "+"), (1, 50), (2, 9)),
-    (("*", "*"), None, (2, 6)),
+    (("+",), (1, 20), None),
+    (("*",), None, (2, 9)),
+    (("+", "+"), (1, 9), None),
+    (("+", "*"), (1, 20), (2, 9)),
+    (("*", "+"), (1, 20), (2, 9)),
+    (("*", "*"), None, (2, 5)),
 )
+
+
+def _ranges(ops: tuple[str, ...], summand: tuple[int, int] | None, factor: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """Each number's range: a factor's when an operator next to it is *, else a summand's."""
+    return [
+        factor if (i > 0 and ops[i - 1] == "*") or (i < len(ops) and ops[i] == "*") else summand  # type: ignore[misc]
+        for i in range(len(ops) + 1)
+    ]
+
+
+PROBLEM_COUNT = sum(int(np.prod([hi - lo + 1 for lo, hi in _ranges(*form)])) for form in FORMS)  # 3817
 
 
 def _draw(rng: np.random.Generator) -> Problem:
     ops, summand, factor = FORMS[rng.integers(len(FORMS))]
-    # a number is a factor when an adjacent operator is *
-    numbers = []
-    for i in range(len(ops) + 1):
-        is_factor = (i > 0 and ops[i - 1] == "*") or (i < len(ops) and ops[i] == "*")
-        lo, hi = factor if is_factor else summand
-        numbers.append(int(rng.integers(lo, hi + 1)))
-    return Problem(tuple(numbers), ops)
+    return Problem(tuple(int(rng.integers(lo, hi + 1)) for lo, hi in _ranges(ops, summand, factor)), ops)
 
 
-def draw_problems(n: int, rng: np.random.Generator, exclude: set[str] = frozenset()) -> list[tuple[Problem, int]]:
-    """`n` distinct (problem, prompt template) draws whose expressions are not in `exclude`."""
+def draw_problems(n: int, rng: np.random.Generator, exclude: Set[str] = frozenset(), distinct: bool = False) -> list[tuple[Problem, int]]:
+    """`n` (problem, prompt template) draws whose expressions are not in `exclude`, all different when `distinct`."""
     seen, out = set(exclude), []
     while len(out) < n:
         p = _draw(rng)
         if p.expr in seen:
             continue
-        seen.add(p.expr)
+        if distinct:
+            seen.add(p.expr)
         out.append((p, int(rng.integers(2))))
     return out
 
@@ -105,8 +111,11 @@ def worked(p: Problem, slip: int = 0) -> str:
 
 
 def held_out(cfg: ArithmeticConfig, n: int) -> list[tuple[Problem, int]]:
-    """The held-out problems of the table: fixed by arithmetic.seed, never in the training prompts or the corpus."""
-    return draw_problems(n, np.random.default_rng([cfg.seed, HELD_OUT_SEED]))
+    """The held-out problems of the table, all different: fixed by arithmetic.seed, never in the training prompts or
+    the corpus (which may repeat a problem)."""
+    if n > PROBLEM_COUNT // 4:
+        raise UserError(f"run.eval_prompts ({n}) would hold out more than a quarter of the {PROBLEM_COUNT} arithmetic problems")
+    return draw_problems(n, np.random.default_rng([cfg.seed, HELD_OUT_SEED]), distinct=True)
 
 
 def train_problems(cfg: ArithmeticConfig, n: int, n_held_out: int) -> list[tuple[Problem, int]]:
