@@ -608,8 +608,10 @@ def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
 def check_reward_source(run: RunConfig) -> None:
     """The gold reward is the essay world's grader: a prompts file or the arithmetic task has none; a prompts file and a
     package task are two sources of prompts."""
-    if run.reward_source == "gold" and (run.prompts_file or run.task != "essays"):
-        raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file, run.task=essays)")
+    if run.reward_source == "gold" and run.prompts_file:
+        raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file)")
+    if run.reward_source == "gold" and run.task != "essays":
+        raise ConfigError(f"run.reward_source=gold needs the essay world, not run.task={run.task}")
     if run.prompts_file and run.task != "essays":
         raise ConfigError(f"run.prompts_file replaces the essay world's prompts; run.task={run.task} brings its own")
 
