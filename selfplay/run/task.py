@@ -37,11 +37,11 @@ class Task:
 
     def columns(self, idx: Sequence[int], g: int, held_out: bool = False) -> dict[str, list]:
         """The reward functions' columns for train (`held_out`: held-out) prompts `idx`, each sampled g times: one list
-        per column, aligned with the rollout's rows; a row without a column another row has gets None (as in a
-        datasets table)."""
+        per column, aligned with the rollout's rows; a row without a column another row of the file has gets None (as
+        in a datasets table)."""
         table = self.eval_columns if held_out else self.train_columns
         rows = [table[i] if table else {} for i in idx]
-        names = sorted({k for r in rows for k in r})
+        names = sorted({k for r in self.train_columns + self.eval_columns for k in r})
         return {k: [r.get(k) for r in rows for _ in range(g)] for k in names}
 
     def grades(self, prompts: list[str], essays: list[str]) -> list | None:
