@@ -161,6 +161,21 @@ class WorldConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArithmeticConfig:
+    """The arithmetic task (run.task=arithmetic, selfplay.tasks.arithmetic): seeded sums and products, worked examples."""
+
+    seed: int = 0  # seeds the held-out problems, the training prompts and the corpus
+    corpus_size: int = 2000  # worked examples for SFT and the tokenizer
+    slip_rate: float = 0.3  # share of worked examples with a slip (+-1 or +-10) in the first value computed
+    tokenizer_vocab_size: int = 320
+
+    def validate(self, prefix: str) -> None:
+        _check_ranges(self, prefix, positive=("corpus_size",), non_negative=("seed",), unit=("slip_rate",))
+        if self.tokenizer_vocab_size < 260:
+            raise ConfigError(f"{prefix}.tokenizer_vocab_size must be >= 260 (256 bytes + 4 special tokens), got {self.tokenizer_vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Supervised next-token training of the initial (SFT) policy on the human corpus."""
 
@@ -367,6 +382,9 @@ class RunConfig:
     """The run: seed, rounds and how often to log, refresh and checkpoint."""
 
     seed: int = 0
+    # What the run trains on: the essay world (its prompts, or prompts_file's), or the arithmetic task (section
+    # `arithmetic`; configs/arithmetic.yaml) whose prompts, held-out problems and SFT corpus come from the package.
+    task: Literal["essays", "arithmetic"] = "essays"
     rounds: int = 40
     log_every: int = 1
     checkpoint_every: int = 10
@@ -497,6 +515,7 @@ class Config:
     learner: LearnerConfig = LearnerConfig()
     reward: RewardConfig = RewardConfig()
     world: WorldConfig = WorldConfig()
+    arithmetic: ArithmeticConfig = ArithmeticConfig()
     pretrain: PretrainConfig = PretrainConfig()
     monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
@@ -602,9 +621,14 @@ def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
 
 
 def check_reward_source(run: RunConfig) -> None:
-    """The gold reward is the essay world's grader: a prompts file has none."""
+    """The gold reward is the essay world's grader: a prompts file or the arithmetic task has none; a prompts file and a
+    package task are two sources of prompts."""
     if run.reward_source == "gold" and run.prompts_file:
         raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file)")
+    if run.reward_source == "gold" and run.task != "essays":
+        raise ConfigError(f"run.reward_source=gold needs the essay world, not run.task={run.task}")
+    if run.prompts_file and run.task != "essays":
+        raise ConfigError(f"run.prompts_file replaces the essay world's prompts; run.task={run.task} brings its own")
 
 
 def check_ptx_source(learner: LearnerConfig, run: RunConfig) -> None:

@@ -151,7 +151,10 @@ def test_reward_functions_in_a_run_see_the_policys_text_and_the_columns(prepared
     train(run, TINY, [f"run.prompts_file={prompts}", "run.rounds=1", "reward.critic_weight=0.5",
                       "reward.fns=[toy_rewards:answer_match, toy_rewards:length_reward]", "reward.weights=[2.0, -1.0]"],
           progress=False, console=QUIET)  # fmt: skip
-    (call,) = toy_rewards.CALLS  # one round; the final table is the critic's alone
+    # the one round, then the table's final column (1 held-out prompt x 2 samples; the copied run directory keeps
+    # its SFT column, eval_sft.json)
+    call, final_table = toy_rewards.CALLS
+    assert len(final_table["completions"]) == 2
     assert len(call["prompts"]) == len(call["completions"]) == len(call["answer"]) == 8  # 4 prompts x 2 samples
     assert any(p.startswith("user: Write about the number") and p.endswith("\nessay:") for p in call["prompts"])
     assert any(p.startswith("Write about the number") for p in call["prompts"])

@@ -1,7 +1,8 @@
-"""Supervised pretraining of the initial (SFT) policy on the essay world's human corpus.
+"""Supervised pretraining of the initial (SFT) policy on the essay world's human corpus (or the arithmetic task's
+worked examples, run.task=arithmetic).
 
 Next-token loss on the essay tokens only (prompt tokens are context); AdamW with warm-up and cosine
-decay, gradient clipping; held-out perplexity; the policy is saved to the run directory, then a batch
+decay, gradient clipping; held-out perplexity; the policy is saved to the run directory, then (in the world) a batch
 of sampled essays is graded by the gold grader, so the report shows what flaws the policy inherited.
 The loss and held-out perplexity curves go to RUN_DIR/tb/sft (TensorBoard: sft/loss, sft/perplexity).
 """
@@ -25,6 +26,7 @@ from selfplay.config import Config, PretrainConfig, UserError
 from selfplay.data import minibatches
 from selfplay.models import transformer
 from selfplay.policy import POLICY_DIR, Policy, clear_incomplete_policy, has_policy, init_policy, save_policy
+from selfplay.run.task import sft_corpus
 from selfplay.tokenizer import Tokenizer
 from selfplay.tracking import ProgressBar, Tracker
 from selfplay.world import World, mean_scores
@@ -146,9 +148,8 @@ def pretrain(
         log(f"pretrain: removed the incomplete policy a killed save left in {run_dir / POLICY_DIR}")
     pcfg = cfg.pretrain
     t0 = time.perf_counter()
-    world = World.from_config(cfg.world)
-    pairs = world.corpus(cfg.world.corpus_size)
-    tokenizer = Tokenizer.train([p for p, _ in pairs] + [e for _, e in pairs], cfg.world.tokenizer_vocab_size)
+    pairs, vocab_size, _ = sft_corpus(cfg)
+    tokenizer = Tokenizer.train([p for p, _ in pairs] + [e for _, e in pairs], vocab_size)
     policy = init_policy(cfg, tokenizer, cfg.run.seed)
 
     n_heldout = max(1, int(len(pairs) * pcfg.heldout_fraction))
@@ -157,7 +158,7 @@ def pretrain(
     held = pack_examples(tokenizer, [pairs[i] for i in order[:n_heldout]], pcfg.seq_len)
     if len(train.tokens_bl) < pcfg.batch_size or len(held.tokens_bl) < pcfg.batch_size:
         raise UserError(
-            f"world.corpus_size ({len(pairs)}) packs into {len(train.tokens_bl)} training and {len(held.tokens_bl)} "
+            f"the SFT corpus ({len(pairs)} examples, world.corpus_size or arithmetic.corpus_size) packs into {len(train.tokens_bl)} training and {len(held.tokens_bl)} "
             f"held-out rows of pretrain.seq_len ({pcfg.seq_len}), fewer than pretrain.batch_size ({pcfg.batch_size}); "
             "raise world.corpus_size or pretrain.heldout_fraction, or lower pretrain.batch_size"
         )
@@ -194,7 +195,8 @@ def pretrain(
     policy.params = params
     save_policy(run_dir, cfg, tokenizer, params, meta={"kind": "sft", "steps": pcfg.steps})
 
-    gold = sample_and_grade(policy, world, cfg, n=pcfg.sample_essays, seed=cfg.run.seed + 12345)
+    world = World.from_config(cfg.world) if cfg.run.task == "essays" else None
+    gold = sample_and_grade(policy, world, cfg, n=pcfg.sample_essays, seed=cfg.run.seed + 12345) if world is not None else None
     report = {
         "steps": pcfg.steps,
         "train_seconds": round(train_seconds, 1),
@@ -219,7 +221,8 @@ def pretrain(
         f"policy saved to {run_dir / 'policy'}"
     )
     shown = ("score", "coverage", "hallucination_rate", "repetition_rate", "structure", "fluency")
-    log(f"gold sub-scores of {pcfg.sample_essays} sampled essays: " + ", ".join(f"{k} {gold[k]:.3f}" for k in shown))
+    if gold is not None:
+        log(f"gold sub-scores of {pcfg.sample_essays} sampled essays: " + ", ".join(f"{k} {gold[k]:.3f}" for k in shown))
     return report
 
 

@@ -1,5 +1,5 @@
-"""Judging a policy on the held-out prompts: gold score and sub-scores, diversity, length, the critic's agreement with
-gold and KL to the reference (`evaluate`); the SFT-vs-trained table; `selfplay eval` of any saved round.
+"""Judging a policy on the held-out prompts: gold score and sub-scores, the reward functions' means, diversity, length,
+the critic's agreement with gold and KL to the reference (`evaluate`); the SFT-vs-trained table; `selfplay eval` of any saved round.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def evaluate(setup: Setup, params: Any, critic: Critic) -> dict[str, float]:
         agreement = pair_agreement(np.concatenate(rewards), np.array([x.score for x in grades]), g)
         if agreement is not None:
             out["critic/accuracy"] = agreement
+    if setup.rewards.fns:  # e.g. the arithmetic task's held-out accuracy, rewards/exact_answer/mean
+        r_fb = setup.rewards.call(rep, essays, task.columns(range(len(task.eval_prompts)), g, held_out=True), rnd=0)
+        critic_b = np.concatenate(rewards)
+        fn_metrics = setup.rewards.metrics(critic_b, r_fb, setup.rewards.total(critic_b, r_fb))
+        out |= {k: v for k, v in fn_metrics.items() if k.startswith("rewards/")}
     out |= diversity(essays)
     out["completions/mean_length"] = float(np.mean(lengths))
     out["kl/sequence"] = float(np.mean(kls))
@@ -114,7 +119,8 @@ def print_table(sft: dict, final: dict, title: str, console: Console | None = No
     table.add_column("SFT", justify="right")
     table.add_column("final", justify="right")
     table.add_column("change", justify="right")
-    for key, name, _ in TABLE_ROWS:
+    fn_rows = [(k, f"{k.split('/')[1]} (mean)", "up") for k in sorted(sft.keys() | final.keys()) if k.startswith("rewards/") and k.endswith("/mean")]
+    for key, name, _ in fn_rows + TABLE_ROWS:
         if key not in sft and key not in final:
             continue
         a, b = sft.get(key, float("nan")), final.get(key, float("nan"))

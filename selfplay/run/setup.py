@@ -16,7 +16,7 @@ from selfplay import checkpoint, learner, perf, sharding
 from selfplay.actor import Generator
 from selfplay.chat import load_chat_template
 from selfplay.config import Config, ConfigError, ModelConfig, UserError, initial_label_count, load_config, to_dict
-from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, has_critic, load_critic, read_preference_file
+from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, has_critic, init_critic, load_critic, read_preference_file
 from selfplay.data import DataError, PromptStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.monitors import Monitor
 from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
@@ -170,7 +170,12 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
     its frozen reference read into their shards, the learner state and the critic placed on the mesh."""
     policy = load_policy(run_dir, cfg, layout=layout)
     task = make_task(cfg, run_dir)
-    critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
+    if cfg.reward.critic_weight == 0 and not has_critic(run_dir / CRITIC_DIR):  # `prepare` trained none: the score
+        # of an untrained critic is logged (reward/critic_mean), never trained on
+        critic = init_critic(cfg, policy.tokenizer, world=task.world, policy_params=policy.params, policy_model=policy.cfg.model,
+                             layout=layout)
+    else:
+        critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
     refresh_source = None
     if cfg.critic.refresh_every and task.world is not None and cfg.critic.label_source != "file":
         critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
@@ -185,7 +190,7 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
         critic=critic,
         key=sharding.place(jax.random.key(cfg.run.seed), layout.replicated),
         prompts=PromptStream(len(task.train_prompts), cfg.run.seed),
-        ptx=make_ptx_stream(cfg, policy, task),
+        ptx=make_ptx_stream(cfg, policy),
         monitor=Monitor(cfg.monitor),
     )
     return setup, run

@@ -34,6 +34,7 @@ from selfplay.run.lock import RunLock
 from selfplay.run.round import Setup, run_round
 from selfplay.run.setup import CHECKPOINT_DIR, TB_DIR, build, check_inputs, check_run_dir, resolve_config, start_distributed
 from selfplay.run.state import RunState
+from selfplay.run.task import sft_corpus
 from selfplay.tracking import ProgressBar, Tracker, json_safe
 
 DAMAGED_DIR = "checkpoints.damaged"
@@ -104,7 +105,7 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     """The policy and the critic the rounds start from: SFT and the initial critic when the run directory lacks them
     (single-process jobs), and the resolved config.yaml."""
     log = console.print
-    need_policy, need_critic = not has_policy(run_dir), not has_critic(run_dir / CRITIC_DIR)
+    need_policy, need_critic = not has_policy(run_dir), not has_critic(run_dir / CRITIC_DIR) and cfg.reward.critic_weight > 0
     if (need_policy or need_critic) and jax.process_count() > 1:
         raise UserError(
             f"{run_dir} has no {'policy' if need_policy else 'critic'}; on several processes `selfplay train` runs only the "
@@ -114,13 +115,15 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     if need_policy:
         if cfg.run.prompts_file:
             raise UserError(f"{run_dir} has no policy; bring one with `selfplay import-hf` or `selfplay pretrain` first")
-        log("[bold]1/3 SFT[/bold]: no policy in the run directory, pretraining one on the world's human corpus")
+        log(f"[bold]1/3 SFT[/bold]: no policy in the run directory, pretraining one on {sft_corpus(cfg)[2]}")
         pretrain(cfg, run_dir, progress=progress, log=log, console=console)
     if logging_process:
         save_config(cfg, run_dir)
     if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=cfg.run.pairs_file or None, progress=progress, log=log, console=console)
+    elif cfg.reward.critic_weight == 0 and not has_critic(run_dir / CRITIC_DIR):
+        log("[bold]2/3 critic[/bold]: skipped, reward.critic_weight is 0 (an untrained critic's score is only logged)")
 
 
 def resume(run: RunState, ckpt: checkpoint.Checkpointer, run_dir: Path, rounds: int, log: Callable[[str], None]) -> int:
