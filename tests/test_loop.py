@@ -376,6 +376,10 @@ def test_an_unwritable_run_directory_or_a_full_disk_is_one_line_before_any_work(
     assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress"]) == 2
     assert f"cannot write in {run / 'tb'}" in capsys.readouterr().err
     (run / "tb").unlink()
+    (run / "checkpoints").write_text("in the way of the checkpoints")  # root ignores permissions: a file stands in
+    assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress"]) == 2
+    assert f"cannot write in {run / 'checkpoints'}" in capsys.readouterr().err
+    (run / "checkpoints").unlink()
     from selfplay.run import setup
 
     monkeypatch.setattr(setup.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
