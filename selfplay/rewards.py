@@ -96,9 +96,10 @@ class Rewards:
         """The reward is the critic's score itself (the default): nothing to call, nothing to add."""
         return not self.fns and self.critic_weight == 1.0
 
-    def call(self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, list], rnd: int) -> np.ndarray:
+    def call(self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, list], rnd: int | None) -> np.ndarray:
         """Each function's rewards for the batch, float64 [F, B] with NaN where it returned None. A function that
-        raises or returns a wrong length or a non-finite value is a RewardFnError naming it and round `rnd`."""
+        raises or returns a wrong length or a non-finite value is a RewardFnError naming it and round `rnd` (None:
+        the held-out evaluation)."""
         n = len(completions)
         out = np.full((len(self.fns), n), np.nan)
         for j, f in enumerate(self.fns):
@@ -109,7 +110,9 @@ class Rewards:
             else:
                 out[j], problem = _as_rewards(raw, n)
             if problem is not None:
-                raise RewardFnError(f"round {rnd}: reward function {f.name} ({f.key}) {problem}; the round stops before its update")
+                where, then = (f"round {rnd}", "the round stops before its update") if rnd is not None else (
+                    "held-out evaluation", "the evaluation stops")
+                raise RewardFnError(f"{where}: reward function {f.name} ({f.key}) {problem}; {then}")
         return out
 
     def total(self, base_b: np.ndarray, r_fb: np.ndarray) -> np.ndarray:

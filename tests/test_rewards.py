@@ -73,6 +73,10 @@ def test_each_failure_names_the_function_and_the_round(fn, expected):
     with pytest.raises(RewardFnError) as e:
         rewards.call(["p"] * 4, ["c"] * 4, {}, rnd=7)
     assert str(e.value) == f"round 7: reward function {fn} (reward.fns[1]) {expected}; the round stops before its update"
+    toy_rewards.FAIL_FROM_CALL["n"] = 0
+    with pytest.raises(RewardFnError) as e:  # the final table's call on the held-out prompts
+        rewards.call(["p"] * 4, ["c"] * 4, {}, rnd=None)
+    assert str(e.value) == f"held-out evaluation: reward function {fn} (reward.fns[1]) {expected}; the evaluation stops"
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def evaluate(setup: Setup, params: Any, critic: Critic) -> dict[str, float]:
         if agreement is not None:
             out["critic/accuracy"] = agreement
     if setup.rewards.fns:  # e.g. the arithmetic task's held-out accuracy, rewards/exact_answer/mean
-        r_fb = setup.rewards.call(rep, essays, task.columns(range(len(task.eval_prompts)), g, held_out=True), rnd=0)
+        r_fb = setup.rewards.call(rep, essays, task.columns(range(len(task.eval_prompts)), g, held_out=True), rnd=None)
         critic_b = np.concatenate(rewards)
         fn_metrics = setup.rewards.metrics(critic_b, r_fb, setup.rewards.total(critic_b, r_fb))
         out |= {k: v for k, v in fn_metrics.items() if k.startswith("rewards/")}

@@ -159,7 +159,7 @@ def rounds(
     if run.round >= rc.rounds:
         return None, {}
     log(f"[bold]3/3 self-play[/bold]: rounds {run.round + 1}..{rc.rounds}, "
-        f"{cfg.actor.prompts_per_round} prompts x {cfg.actor.samples_per_prompt} essays each")
+        f"{cfg.actor.prompts_per_round} prompts x {cfg.actor.samples_per_prompt} completions each")
     metrics: dict = {}
     bad_rounds = 0
     with ProgressBar("round", rc.rounds, completed=run.round, enabled=progress, console=console, remaining=False) as bar:
