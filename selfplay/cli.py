@@ -114,6 +114,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_collapse(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from selfplay.jobs.collapse import run_lab
+
+    run_lab(cfg, args.run_dir, progress=not args.no_progress)
+    return 0
+
+
 # --- benchmarks --------------------------------------------------------------------------------
 
 
@@ -192,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out_dir", help="a new or empty directory")
     exp.add_argument("--checkpoint", type=int, default=None, help="round to export, 0: the SFT policy (default: the latest saved round, else the SFT policy)")
     exp.set_defaults(fn=_cmd_export_hf)
+
+    col = sub.add_parser("collapse", help="the model-collapse lab: generations trained on their predecessors' essays, per data policy")
+    col.add_argument("--run-dir", required=True, help="lab directory (a killed lab resumes from its last finished generation)")
+    col.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    _add_config_args(col)
+    col.set_defaults(fn=_cmd_collapse)
 
     bn = sub.add_parser("bench", help="throughput benchmarks: one JSON line with the figure and its ratio to the roofline")
     bsub = bn.add_subparsers(dest="which", metavar="BENCHMARK", required=True)

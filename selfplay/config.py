@@ -407,6 +407,76 @@ class RunConfig:
             raise ConfigError(f"{prefix}.seed must be >= 0, got {self.seed}")
 
 
+ARM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmConfig:
+    """One arm of the collapse lab: what generation n+1 trains on, given what generation n wrote.
+
+    data: replace (only generation n's essays, as many as the human corpus), accumulate (the human corpus plus every
+    generation's essays so far), mix (human_fraction of the set drawn from the human corpus, the rest generation n's),
+    graded (generation n writes best_of essays per prompt and the grader, critic or gold, keeps the best one)."""
+
+    name: str = "replace"  # the arm's directory and TensorBoard run: lower-case letters, digits, - and _
+    data: Literal["replace", "accumulate", "mix", "graded"] = "replace"
+    temperature: float = 1.0  # sampling temperature of the essays generation n writes for generation n+1
+    human_fraction: float = 0.5  # mix only
+    grader: Literal["critic", "gold"] = "critic"  # graded only: the learned critic (trained once, on generation 0) or gold
+    best_of: int = 2  # graded only: essays written per prompt; the grader keeps the best one
+
+    def validate(self, prefix: str) -> None:
+        if not ARM_NAME_RE.fullmatch(self.name):
+            raise ConfigError(f"{prefix}.name must be lower-case letters, digits, '-' and '_' (a directory name), got {self.name!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.human_fraction <= 1.0:
+            raise ConfigError(f"{prefix}.human_fraction must be in [0, 1], got {self.human_fraction}")
+        if self.best_of < 2 and self.data == "graded":
+            raise ConfigError(f"{prefix}.best_of must be >= 2 for a graded arm (one essay per prompt leaves nothing to grade), got {self.best_of}")
+
+
+DEFAULT_ARMS = (
+    ArmConfig("replace", "replace"),
+    ArmConfig("accumulate", "accumulate"),
+    ArmConfig("graded-critic", "graded", grader="critic"),
+    ArmConfig("graded-gold", "graded", grader="gold"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseConfig:
+    """The model-collapse lab (`selfplay collapse`): generation 0 is the SFT policy (section pretrain, on the human
+    corpus); generation n+1 is a model of the same shape trained for pretrain.steps on a training set each arm builds
+    from what generation n wrote. Every generation is judged on the same held-out human essays and prompts."""
+
+    generations: int = 5  # generations after generation 0
+    arms: tuple[ArmConfig, ...] = DEFAULT_ARMS
+    # continue: generation n+1 starts from generation n's params (fine-tuning, as Shumailov et al. fine-tune); fresh: a
+    # new initialisation per generation (as Gerstgrasser et al.), which needs steps enough to train a model from scratch
+    init: Literal["fresh", "continue"] = "continue"
+    steps: int = 0  # training steps of each generation after 0; 0: pretrain.steps
+    lr: float = 0.0  # their peak learning rate (warm-up, cosine decay as pretrain); 0: pretrain.lr
+    synthetic_size: int = 0  # essays generation n writes per arm (graded: prompts); 0: world.corpus_size
+    heldout_essays: int = 256  # held-out human essays (a corpus seed of their own) for the cross-entropy
+    eval_prompts: int = 128  # held-out prompts: one essay each, at actor.temperature, for gold, diversity and the tail
+    tail_mass: float = 0.1  # the tail: the rarest templates (and values) that make up this share of the human corpus's
+    sample_batch: int = 64  # prompts per sampler call
+
+    def validate(self, prefix: str) -> None:
+        _check_ranges(self, prefix, positive=("generations", "heldout_essays", "eval_prompts", "sample_batch"),
+                      non_negative=("synthetic_size", "steps", "lr"))
+        if not 0.0 < self.tail_mass < 1.0:
+            raise ConfigError(f"{prefix}.tail_mass must be in (0, 1), got {self.tail_mass}")
+        if not self.arms:
+            raise ConfigError(f"{prefix}.arms must name at least one arm")
+        names = [a.name for a in self.arms]
+        for i, arm in enumerate(self.arms):
+            arm.validate(f"{prefix}.arms[{i}]")
+            if names.index(arm.name) != i:
+                raise ConfigError(f"{prefix}.arms[{i}].name: {arm.name!r} is also the name of {prefix}.arms[{names.index(arm.name)}]")
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Throughput benchmarks (`selfplay bench`): timing and the actor's sweep. Shapes come from the other sections:
@@ -520,6 +590,7 @@ class Config:
     monitor: MonitorConfig = MonitorConfig()
     run: RunConfig = RunConfig()
     mesh: MeshConfig = MeshConfig()
+    collapse: CollapseConfig = CollapseConfig()
 
     def validate(self) -> "Config":
         """Every section's own checks, then the checks across sections; returns self (also after dataclasses.replace)."""

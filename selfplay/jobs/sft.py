@@ -49,19 +49,25 @@ class Packed(NamedTuple):
 def pack_examples(tokenizer: Tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> Packed:
     """Pack `[bos] prompt [sep] essay [eos]` examples into rows of `seq_len`, first fit in the given order."""
     encoded = [tokenizer.encode_example(p, e) for p, e in pairs]
+    shortest = min((len(ids) for ids, _ in encoded), default=1)
     rows: list[list[tuple[list[int], list[int]]]] = []
     room: list[int] = []
+    open_rows: list[int] = []  # rows with room for at least the shortest example, in order: first fit looks only there
     for i, (ids, m) in enumerate(encoded):
         if len(ids) > seq_len:
             raise UserError(f"corpus example {i} has {len(ids)} tokens, more than pretrain.seq_len ({seq_len})")
-        for r, free in enumerate(room):
-            if free >= len(ids):
+        for k, r in enumerate(open_rows):
+            if room[r] >= len(ids):
                 rows[r].append((ids, m))
                 room[r] -= len(ids)
+                if room[r] < shortest:
+                    del open_rows[k]
                 break
         else:
             rows.append([(ids, m)])
             room.append(seq_len - len(ids))
+            if room[-1] >= shortest:
+                open_rows.append(len(rows) - 1)
     shape = (len(rows), seq_len)
     tokens = np.full(shape, tokenizer.pad_id, np.int32)
     mask = np.zeros(shape, np.float32)
@@ -120,18 +126,71 @@ def make_sft_fns(graphdef: Any, optimizer: optax.GradientTransformation) -> tupl
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(nll)
 
 
+def sft_fns(graphdef: Any, pcfg: PretrainConfig) -> tuple[optax.GradientTransformation, Callable, Callable]:
+    """(the optimiser of `pcfg`, its jitted train_step, eval_nll)."""
+    optimizer = make_optimizer(pcfg)
+    return (optimizer, *make_sft_fns(graphdef, optimizer))
+
+
 def _rows(packed: Packed, idx: Any) -> Packed:
     return Packed(*(x[idx] for x in packed))
 
 
-def heldout_perplexity(eval_nll: Callable, params: Any, packed: Packed, batch: int) -> float:
-    """exp(mean NLL per loss token) over the held-out rows (whole batches; the remainder is left out)."""
+def heldout_nll(eval_nll: Callable, params: Any, packed: Packed, batch: int) -> float:
+    """Mean negative log-likelihood per loss token (nats) over every held-out row; the last batch is filled up with
+    rows of no loss token, so one compiled batch size serves them all."""
     total, count = 0.0, 0.0
-    for start in range(0, len(packed.tokens_bl) - batch + 1, batch):
-        t, c = eval_nll(params, _rows(packed, slice(start, start + batch)))
+    n = len(packed.tokens_bl)
+    for start in range(0, n, batch):
+        idx = np.arange(start, start + batch)
+        rows = _rows(packed, np.minimum(idx, n - 1))
+        real = (idx < n).astype(np.float32)[:, None]
+        t, c = eval_nll(params, rows._replace(loss_mask_bl=rows.loss_mask_bl * real))
         total += float(t)
         count += float(c)
-    return math.exp(total / max(count, 1.0))
+    return total / max(count, 1.0)
+
+
+def heldout_perplexity(eval_nll: Callable, params: Any, packed: Packed, batch: int) -> float:
+    """exp(`heldout_nll`)."""
+    return math.exp(heldout_nll(eval_nll, params, packed, batch))
+
+def fit(
+    cfg: Config, graphdef: Any, params: Any, train: Packed, held: Packed, rng: np.random.Generator, *,
+    desc: str = "pretrain", progress: bool = True, log: Callable[[str], None] = print, console: Console | None = None,
+    fns: tuple[optax.GradientTransformation, Callable, Callable] | None = None,
+) -> tuple[Any, list[dict], float]:
+    """pretrain.steps of next-token training on the packed `train` rows from `params` (minibatches drawn by `rng`);
+    returns (params, history: a row every 10 steps, with the held-out perplexity every pretrain.eval_every steps,
+    the held-out perplexity before the first step). `fns`: (optimizer, train_step, eval_nll) of `sft_fns`, compiled
+    once by a caller that trains many models of one shape; default: built here from `cfg.pretrain`."""
+    pcfg = cfg.pretrain
+    optimizer, train_step, eval_nll = fns or sft_fns(graphdef, pcfg)
+    opt_state = optimizer.init(params)
+    batches = minibatches(len(train.tokens_bl), pcfg.batch_size, rng)
+
+    history: list[dict] = []
+    ppl0 = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
+    with ProgressBar(desc, pcfg.steps, enabled=progress, console=console) as bar:
+        loss_ema = None
+        for step in range(1, pcfg.steps + 1):
+            idx = next(batches)
+            params, opt_state, m = train_step(params, opt_state, _rows(train, idx))
+            status = None
+            if step % 10 == 0 or step == pcfg.steps:
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise UserError(f"{desc}: training diverged at step {step} (loss {loss}); lower pretrain.lr")
+                loss_ema = loss if loss_ema is None else 0.8 * loss_ema + 0.2 * loss
+                row = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
+                if step % pcfg.eval_every == 0 or step == pcfg.steps:
+                    row["heldout_ppl"] = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
+                    if not progress:
+                        log(f"{desc} step {step}/{pcfg.steps}: loss {loss:.3f}, held-out perplexity {row['heldout_ppl']:.3f}")
+                history.append(row)
+                status = f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else "")
+            bar.update(1, status)
+    return params, history, ppl0
 
 
 def pretrain(
@@ -163,33 +222,8 @@ def pretrain(
             "raise world.corpus_size or pretrain.heldout_fraction, or lower pretrain.batch_size"
         )
 
-    optimizer = make_optimizer(pcfg)
-    params = policy.params
-    opt_state = optimizer.init(params)
-    train_step, eval_nll = make_sft_fns(policy.graphdef, optimizer)
-    batches = minibatches(len(train.tokens_bl), pcfg.batch_size, np.random.default_rng([cfg.run.seed, 1]))
-
-    history: list[dict] = []
-    ppl0 = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
-    with ProgressBar("pretrain", pcfg.steps, enabled=progress, console=console) as bar:
-        loss_ema = None
-        for step in range(1, pcfg.steps + 1):
-            idx = next(batches)
-            params, opt_state, m = train_step(params, opt_state, _rows(train, idx))
-            status = None
-            if step % 10 == 0 or step == pcfg.steps:
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise UserError(f"pretraining diverged at step {step} (loss {loss}); lower pretrain.lr")
-                loss_ema = loss if loss_ema is None else 0.8 * loss_ema + 0.2 * loss
-                row = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
-                if step % pcfg.eval_every == 0 or step == pcfg.steps:
-                    row["heldout_ppl"] = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
-                    if not progress:
-                        log(f"pretrain step {step}/{pcfg.steps}: loss {loss:.3f}, held-out perplexity {row['heldout_ppl']:.3f}")
-                history.append(row)
-                status = f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else "")
-            bar.update(1, status)
+    params, history, ppl0 = fit(cfg, policy.graphdef, policy.params, train, held, np.random.default_rng([cfg.run.seed, 1]),
+                                progress=progress, log=log, console=console)
     train_seconds = time.perf_counter() - t0
 
     policy.params = params
