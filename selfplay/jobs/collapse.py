@@ -47,14 +47,14 @@ HUMAN = "human"
 
 # The figures of each generation, in the table's order: (key, label, format, which way is good).
 FIGURES = (
-    ("heldout_ce", "human CE (nats/token)", "{:.3f}", "down"),
-    ("ce_change", "CE vs gen 0", "{:+.1%}", "down"),
+    ("heldout_ce", "human CE", "{:.3f}", "down"),
+    ("ce_change", "vs gen 0", "{:+.1%}", "down"),
     ("gold/score", "gold", "{:.3f}", "up"),
     ("gold/coverage", "coverage", "{:.3f}", "up"),
-    ("gold/hallucination_rate", "hallucination", "{:.3f}", "down"),
+    ("gold/hallucination_rate", "halluc.", "{:.3f}", "down"),
     ("diversity/distinct_2", "distinct-2", "{:.3f}", "up"),
     ("diversity/self_bleu", "self-BLEU", "{:.3f}", "down"),
-    ("tail/coverage", "tail coverage", "{:.3f}", "up"),
+    ("tail/coverage", "tail", "{:.3f}", "up"),
 )
 
 
@@ -396,7 +396,8 @@ class Lab:
         """The table of generation n (every arm) on the console, and every output rewritten with what is done."""
         summary = self.summary()
         self._save(summary)
-        table = Table(title=f"generation {n}" + (" (SFT on the human corpus, shared by every arm)" if n == 0 else ""))
+        table = Table(title=f"generation {n}" + (" (SFT on the human corpus, shared by every arm)" if n == 0 else "")
+                      + ": human CE = cross-entropy on held-out human essays (nats/token); tail = tail coverage (1: as human)")
         table.add_column("arm")
         for _, label, _, _ in FIGURES:
             table.add_column(label, justify="right")
@@ -406,7 +407,8 @@ class Lab:
             r = self.results[arm.name][n]
             data = ", ".join(f"{v} {k}" for k, v in r.get("data", {}).items())
             table.add_row("all" if n == 0 else arm.name, *(fmt.format(r[key]) for key, _, fmt, _ in FIGURES), data)
-        (self.console or Console()).print(table)
+        console = self.console or Console()
+        console.print(table, width=max(console.width, 132))
 
 
 def write_tensorboard(logdir: Path, arms: dict[str, list[dict]]) -> None:
