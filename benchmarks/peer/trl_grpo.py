@@ -175,7 +175,8 @@ def bench_round(s: dict, warmup: int, steps: int, seed: int, log) -> dict:
     rows = s["prompts"] * s["samples_per_prompt"]
     total = warmup + steps
     prompts = random_prompts(s["prompts"] * total, s["prompt_len"], m["vocab_size"], seed)
-    assert all(len(tok(p)["input_ids"]) == s["prompt_len"] for p in prompts[:4])
+    if any(len(tok(p)["input_ids"]) != s["prompt_len"] for p in prompts):
+        raise SystemExit(f"a prompt does not tokenise to {s['prompt_len']} tokens")
     reward_model = LlamaForSequenceClassification(llama_config(cm)).eval()
     timer = StepTimer()
     profiling.ProfilingContext._log_metrics = lambda ctx, d: timer.record(ctx.name, d)
