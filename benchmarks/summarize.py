@@ -65,9 +65,33 @@ def round_row(r: dict) -> str:
     )
 
 
+def peer_rows(r: dict) -> list[str]:
+    """benchmarks/peer/compare.py's records: a row per pair, the median ratio as a comment; each side's own record is
+    summarised by its pair (ours is also a round or actor record above it)."""
+    if r["benchmark"] == "peer_comparison":
+        return [f"<!-- peer comparison ({r['what']}): {r['command']}: median ratio ours/TRL {r['median_ratio']:.2f} "
+                f"over {r['pairs']} pairs -->"]
+    if r["benchmark"] != "peer_pair":
+        return []
+    ours, trl = r["ours"], r["trl"]
+    v, t = trl["versions"], trl["threads"]
+    return [
+        f"| {r['date'][:10]} | {r['what']} ({r['unit']}) | {r['pair'] + 1}/{r['of']}, {r['first']} first "
+        f"| {_spread(ours['figure'], '.1f')} | {_spread(trl['figure'], '.1f')} | {r['ratio_ours_over_trl']:.2f} "
+        f"| jax {ours['versions']['jax']}, {ours['threads']['cores_visible']} cores "
+        f"| trl {v['trl']}, torch {v['torch']}, {t['torch_threads']} threads "
+        f"| {ours['load_avg']['start'][0]:.1f} / {trl['load_avg']['start'][0]:.1f} |"
+    ]
+
+
 def main(path: str) -> None:
     records = [json.loads(line) for line in open(path) if line.strip()]
     for r in records:
+        if r["benchmark"].startswith("peer_"):
+            rows = peer_rows(r)
+            if rows:
+                print("\n".join(rows))
+            continue
         print(f"<!-- {r['benchmark']}: {r['command']} ({_machine(r)}, jax {r['machine']['jax']}) -->")
         if r["benchmark"] == "actor":
             print("\n".join(actor_rows(r)))
