@@ -210,6 +210,7 @@ class Lab:
         self.critic = None
         self.results: dict[str, list[dict]] = {}
         self._compiled_fns: tuple | None = None
+        self._heldout_rows: sft.Packed | None = None
         self._generators: dict[tuple[float, int], Generator] = {}
 
     # ---- compiled once: every generation has generation 0's shape and tokenizer ------------------------
@@ -230,10 +231,14 @@ class Lab:
     # ---- one model -------------------------------------------------------------------------------
 
     def _packed_heldout(self, policy: Policy) -> sft.Packed:
-        return sft.pack_examples(policy.tokenizer, self.heldout, self.cfg.pretrain.seq_len)
+        """The held-out human essays, packed once (every generation shares generation 0's tokenizer)."""
+        if self._heldout_rows is None:
+            self._heldout_rows = sft.pack_examples(policy.tokenizer, self.heldout, self.cfg.pretrain.seq_len)
+        return self._heldout_rows
 
     def _train(self, parent: Policy, examples: Sequence[tuple[str, str, str]], n: int, arm: ArmConfig) -> Policy:
-        """A model of the parent's shape trained for pretrain.steps on `examples` (fresh or from the parent's params)."""
+        """A model of the parent's shape trained for collapse.steps on `examples` (from the parent's params, or a fresh
+        initialisation with collapse.init=fresh)."""
         cfg, c = self.cfg, self.cfg.collapse
         seed = [cfg.run.seed, n, _arm_id(arm.name)]
         rng = np.random.default_rng(seed)
@@ -408,7 +413,9 @@ class Lab:
             data = ", ".join(f"{v} {k}" for k, v in r.get("data", {}).items())
             table.add_row("all" if n == 0 else arm.name, *(fmt.format(r[key]) for key, _, fmt, _ in FIGURES), data)
         console = self.console or Console()
-        console.print(table, width=max(console.width, 132))
+        if not console.is_terminal:  # a log file: wide enough for the whole table (rich would wrap it at 80 columns)
+            console = Console(file=console.file, width=132)
+        console.print(table)
 
 
 def write_tensorboard(logdir: Path, arms: dict[str, list[dict]]) -> None:
