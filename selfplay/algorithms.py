@@ -263,6 +263,12 @@ def kl_is_loss_term(cfg: LearnerConfig) -> bool:
     return cfg.algorithm in ("grpo", "rloo") and not cfg.kl_in_reward
 
 
+def pi_old_from_loss(cfg: LearnerConfig) -> bool:
+    """One optimiser update (1 epoch x 1 minibatch) whose advantages do not read pi_old (grpo or rloo with KL as a loss
+    term): the loss's own forward is pi_old, so the update needs no separate teacher-forced pass (as TRL does)."""
+    return cfg.epochs * cfg.minibatches == 1 and kl_is_loss_term(cfg)
+
+
 def _reference_kl_bt(cfg: LearnerConfig, x: AdvantageInputs) -> jax.Array:
     if x.logprobs_bt is None or x.ref_logprobs_bt is None:
         raise ValueError(f"learner.algorithm={cfg.algorithm!r} folds KL into the reward: pass logprobs_bt and ref_logprobs_bt")

@@ -212,11 +212,12 @@ class _Rows(NamedTuple):
     positions_bl: jax.Array
     valid_bl: jax.Array
     mask_bt: jax.Array
-    old_logprobs_bt: jax.Array
+    old_logprobs_bt: jax.Array | None  # None in one pass (`single_pass`): pi_old is the loss's own forward
     ref_logprobs_bt: jax.Array
     advantages_bt: jax.Array
     returns_bt: jax.Array | None
     old_values_bt: jax.Array | None
+    sampling_logprobs_bt: jax.Array | None = None  # one pass with a plain sampler: for policy/sampling_logprob_gap
 
 
 def _plain_sampler(actor_cfg: ActorConfig | None) -> bool:
@@ -237,6 +238,7 @@ def make_update_step(
     optimizer: optax.GradientTransformation | None = None,
     value_optimizer: optax.GradientTransformation | None = None,
     actor_cfg: ActorConfig | None = None,
+    single_pass: bool | None = None,
 ) -> UpdateStep:
     """The jitted `update_step(state, batch, rng) -> (state, metrics)`; `state` is donated (do not reuse it).
 
@@ -245,8 +247,10 @@ def make_update_step(
     (None: `make_optimizer(cfg)`; the value function gets the policy's by default). actor_cfg: the sampler's
     config; when it samples the plain policy, `policy/sampling_logprob_gap` is reported.
 
-    pi_old is the policy at the start of the update, recomputed here by one teacher-forced pass, not the
-    sampling-time log-probs: temperature, top-k and top-p change what the sampler reports, and using those
+    pi_old is the policy at the start of the update, recomputed here by one teacher-forced pass (`single_pass`, the
+    default where it applies: one optimiser update of grpo or rloo with KL as a loss term, takes it from the loss's own
+    forward instead, the same values, one forward fewer; False forces the separate pass), not the sampling-time
+    log-probs: temperature, top-k and top-p change what the sampler reports, and using those
     would bias the ratio rho. The same pi_old feeds the advantages' KL-in-reward terms. Advantages (and PPO's
     value targets) are computed once on the whole batch, so minibatches can shuffle rows freely without
     splitting a group's baseline. Then `epochs` passes, each over `minibatches` shuffled row blocks, one
@@ -275,6 +279,11 @@ def make_update_step(
     value_optimizer = value_optimizer or optimizer
     report_gap = _plain_sampler(actor_cfg)
     n_epochs, n_minibatches, p = cfg.epochs, cfg.minibatches, prompt_width
+    # One optimiser update from the params that pi_old is: the loss's forward is pi_old, so rho = exp(logp -
+    # stop_gradient(logp)) = 1 and its gradient are exact without the separate teacher-forced pass.
+    single_pass = algorithms.pi_old_from_loss(cfg) if single_pass is None else single_pass
+    if single_pass and not algorithms.pi_old_from_loss(cfg):
+        raise ValueError("single_pass needs learner.epochs = learner.minibatches = 1 and grpo/rloo with KL as a loss term")
 
     def ptx_nll(params: Any, ptx: PtxRows) -> jax.Array:
         logprobs_bl, _ = logprob_fn(params, ptx.tokens_bl, ptx.positions_bl, ptx.valid_bl)
@@ -282,16 +291,20 @@ def make_update_step(
 
     def loss_fn(params: Any, value_params: Any, rows: _Rows, kl_coef: jax.Array, ptx: PtxRows | None) -> tuple[jax.Array, dict]:
         logprobs_bl, entropy_bl = logprob_fn(params, rows.tokens_bl, rows.positions_bl, rows.valid_bl)
+        old_logprobs_bt = jax.lax.stop_gradient(logprobs_bl[:, p:]) if single_pass else rows.old_logprobs_bt
         loss, metrics = algorithms.policy_objective(
             cfg,
             logprobs_bl[:, p:],
-            rows.old_logprobs_bt,
+            old_logprobs_bt,
             rows.advantages_bt,
             rows.mask_bt,
             ref_logprobs_bt=rows.ref_logprobs_bt,
             entropy_bt=entropy_bl[:, p:],
             kl_coef=kl_coef,
         )
+        if rows.sampling_logprobs_bt is not None:
+            gap_bt = jnp.abs(rows.sampling_logprobs_bt - old_logprobs_bt)
+            metrics["policy/sampling_logprob_gap"] = algorithms.masked_mean(gap_bt, rows.mask_bt)
         metrics["loss/value"] = jnp.zeros((), jnp.float32)
         if is_ppo:
             values_bl = value_fn(value_params, rows.tokens_bl, rows.positions_bl, rows.valid_bl)
@@ -332,8 +345,10 @@ def make_update_step(
         mask_bt = rollout.completion_mask_bl[:, p:].astype(jnp.float32)
         stop = jax.lax.stop_gradient
 
-        old_logprobs_bl, _ = logprob_fn(state.params, tokens_bl, positions_bl, valid_bl)
-        old_logprobs_bt = stop(old_logprobs_bl[:, p:])
+        old_logprobs_bt = None
+        if not single_pass:
+            old_logprobs_bl, _ = logprob_fn(state.params, tokens_bl, positions_bl, valid_bl)
+            old_logprobs_bt = stop(old_logprobs_bl[:, p:])
         ref_logprobs_bt = stop(batch.ref_logprobs_bl[:, p:])
         old_values_bt = None
         if is_ppo:
@@ -345,9 +360,10 @@ def make_update_step(
             group_size=group_size,
             kl_coef=kl_coef,
         )
+        sampling_bt = rollout.logprobs_bl[:, p:] if single_pass and report_gap else None
         rows = _Rows(
             tokens_bl, positions_bl, valid_bl, mask_bt, old_logprobs_bt, ref_logprobs_bt,
-            adv.advantages_bt, adv.returns_bt, old_values_bt,
+            adv.advantages_bt, adv.returns_bt, old_values_bt, sampling_bt,
         )  # fmt: skip
 
         def minibatch_update(carry, blocks: tuple[_Rows, PtxRows | None]):
@@ -399,7 +415,7 @@ def make_update_step(
         adv_mean = algorithms.masked_mean(adv.advantages_bt, mask_bt)
         metrics["advantages/mean"] = adv_mean
         metrics["advantages/std"] = jnp.sqrt(algorithms.masked_mean(jnp.square(adv.advantages_bt - adv_mean), mask_bt))
-        if report_gap:
+        if report_gap and not single_pass:
             gap_bt = jnp.abs(rollout.logprobs_bl[:, p:] - old_logprobs_bt)
             metrics["policy/sampling_logprob_gap"] = algorithms.masked_mean(gap_bt, mask_bt)
 

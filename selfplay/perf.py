@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfplay.algorithms import pi_old_from_loss
 from selfplay.config import Config, ModelConfig
 
 TRAIN_FACTOR = 3  # forward + backward, the backward costing two forwards (input and weight gradients)
@@ -112,9 +113,10 @@ def nocache_flops_executed(cfg: ModelConfig, batch: int, width: int, new_tokens:
 
 
 def update_work(cfg: Config, rows: int, real_len: int) -> Work:
-    """One update step: the pi_old forward, then epochs x (forward + backward) over every row."""
+    """One update step: the pi_old forward (none where the loss's forward is pi_old: `pi_old_from_loss`), then
+    epochs x (forward + backward) over every row."""
     fwd = forward_flops(cfg.model, rows * real_len, causal_keys(real_len))
-    return Work(fwd * (1 + TRAIN_FACTOR * cfg.learner.epochs))
+    return Work(fwd * (int(not pi_old_from_loss(cfg.learner)) + TRAIN_FACTOR * cfg.learner.epochs))
 
 
 def round_work(cfg: Config, rows: int, prompt_len: int, refresh_calls: int, calib_chunks: int) -> dict[str, Work]:

@@ -441,3 +441,21 @@ def test_pretraining_data_term_fits_the_human_examples_and_is_its_own_loss():
         make(cfg)(init(cfg, start), flat, jax.random.key(0))
     with pytest.raises(ConfigError, match="learner.ptx_batch"):
         learner.make_optimizer(dataclasses.replace(cfg, ptx_batch=3))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_one_pass_equals_the_separate_pi_old_pass(algorithm):
+    """One epoch x one minibatch: pi_old from the loss's own forward (the default there) gives the update and the
+    metrics of the separate teacher-forced pass, without that pass; elsewhere one pass is refused."""
+    cfg = dataclasses.replace(BASE, algorithm=algorithm, epochs=1, minibatches=1)
+    ref_params = random_policy(3, scale=0.5)
+    batch = batch_for(random_policy(4, scale=0.5), ref_params, jax.random.key(5))
+    actor = ActorConfig(temperature=1.0)
+    new_one, m_one = make(cfg, actor_cfg=actor)(init(cfg, random_policy(4, scale=0.5)), batch, jax.random.key(6))
+    new_two, m_two = make(cfg, actor_cfg=actor, single_pass=False)(init(cfg, random_policy(4, scale=0.5)), batch, jax.random.key(6))
+    np.testing.assert_allclose(new_one.params["table"], new_two.params["table"], rtol=1e-6, atol=1e-7)
+    assert set(m_one) == set(m_two)
+    for k in m_one:
+        np.testing.assert_allclose(m_one[k], m_two[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="single_pass needs"):
+        make(dataclasses.replace(cfg, epochs=2), single_pass=True)
