@@ -101,6 +101,15 @@ class Layers(nnx.Module):
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
+def _rows_matmul(x_btd: jax.Array, w_df: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [D, F] -> [B, T, F] as one 2-D matmul over the B*T rows: the einsum's numbers bit for bit on
+    CPU, but XLA's CPU backend runs the backward's weight-gradient dots of the 3-D einsum form with transposes around
+    them, 2.5x slower (the SwiGLU MLP; benchmarks/RESULTS.md). The attention projections keep their einsums: as 2-D
+    matmuls they are faster too but not bit-identical, which would move every recorded figure."""
+    b, t, d = x_btd.shape
+    return jnp.matmul(x_btd.reshape(b * t, d), w_df).reshape(b, t, w_df.shape[-1])
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(tokens_bt, positions_bt, valid_bt, cache=, cache_index=) -> (logits_btv, cache)`."""
 
@@ -174,9 +183,8 @@ class Transformer(nnx.Module):
             attn = _attention(q, keys, values, mask_bts)
             h_btd = h_btd + jnp.einsum("bthk,hkd->btd", attn, p["o_proj"])
             x = _rms_norm(h_btd, p["mlp_norm"], cfg.norm_eps)
-            gate = jax.nn.silu(jnp.einsum("btd,df->btf", x, p["gate_proj"]))
-            up = jnp.einsum("btd,df->btf", x, p["up_proj"])
-            h_btd = h_btd + jnp.einsum("btf,fd->btd", gate * up, p["down_proj"])
+            gate = jax.nn.silu(_rows_matmul(x, p["gate_proj"]))
+            h_btd = h_btd + _rows_matmul(gate * _rows_matmul(x, p["up_proj"]), p["down_proj"])
             return (h_btd, k_cache, v_cache), None
 
         k0, v0 = (None, None) if cache is None else (cache.k_nbshd, cache.v_nbshd)
