@@ -102,10 +102,11 @@ class Layers(nnx.Module):
 
 
 def _rows_matmul(x_btd: jax.Array, w_df: jax.Array) -> jax.Array:
-    """x [B, T, D] @ w [D, F] -> [B, T, F] as one 2-D matmul over the B*T rows: the einsum's numbers bit for bit on
-    CPU, but XLA's CPU backend runs the backward's weight-gradient dots of the 3-D einsum form with transposes around
-    them, 2.5x slower (the SwiGLU MLP; benchmarks/RESULTS.md). The attention projections keep their einsums: as 2-D
-    matmuls they are faster too but not bit-identical, which would move every recorded figure."""
+    """x [B, T, D] @ w [D, F] -> [B, T, F] as one 2-D matmul over the B*T rows. XLA's CPU backend runs the backward's
+    weight-gradient dots of the 3-D einsum form with transposes around them, 2.5x slower (the SwiGLU MLP;
+    benchmarks/RESULTS.md). The same math; on CPU the same bits for the policies of the shipped configs (their SFT and
+    update reproduce exactly), while the vmapped critic ensemble differs in the last bits. The attention projections
+    keep their einsums for now: as 2-D matmuls they are faster too, but change the policies' bits."""
     b, t, d = x_btd.shape
     return jnp.matmul(x_btd.reshape(b * t, d), w_df).reshape(b, t, w_df.shape[-1])
 
