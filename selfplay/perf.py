@@ -219,6 +219,7 @@ class Timed:
     compilations: int
     traces: int
     last: Any
+    rss_mib: list[float] = dataclasses.field(default_factory=list)  # host RSS right after each timed call
 
 
 def time_calls(call: Callable[[int], Any], warmup: int, iterations: int, probe: Callable[[], tuple[float, float]] | None = None) -> Timed:
@@ -230,7 +231,7 @@ def time_calls(call: Callable[[int], Any], warmup: int, iterations: int, probe: 
         first_s = time.perf_counter() - t
     for i in range(1, 1 + warmup):
         out = jax.block_until_ready(call(i))
-    times, peaks = [], []
+    times, peaks, rss = [], [], []
     with CompileWatch() as timed:
         for i in range(1 + warmup, 1 + warmup + iterations):
             if probe is not None:
@@ -238,7 +239,26 @@ def time_calls(call: Callable[[int], Any], warmup: int, iterations: int, probe: 
             t = time.perf_counter()
             out = jax.block_until_ready(call(i))
             times.append(time.perf_counter() - t)
-    return Timed(first_s, first.seconds, times, peaks, timed.compiles, timed.traces, out)
+            rss.append(current_rss_mib())
+    return Timed(first_s, first.seconds, times, peaks, timed.compiles, timed.traces, out, rss)
+
+
+def current_rss_mib() -> float:
+    """This process's resident set size now (MiB), from /proc/self/statm; NaN where there is no /proc."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_trend(rss_mib: list[float]) -> dict[str, Any]:
+    """Host RSS over the timed calls: first, last, max, and the least-squares slope in MiB per 100 calls (flat: ~0).
+    The first timed call comes after the compile and the warm-up, so allocator warm-up is mostly behind it."""
+    r = np.asarray(rss_mib, float)
+    slope = float(np.polyfit(np.arange(len(r)), r, 1)[0]) * 100 if len(r) > 1 and np.isfinite(r).all() else float("nan")
+    return {"first": float(r[0]), "last": float(r[-1]), "max": float(r.max()), "slope_mib_per_100_calls": slope,
+            "calls": len(r)} if len(r) else {}
 
 
 def rate_stats(work: float, times_s: list[float]) -> dict[str, float]:

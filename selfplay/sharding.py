@@ -266,23 +266,22 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-KV_CACHE_AXES = transformer.KVCache(
-    k_nbshd=("layers", BATCH, None, "kv_heads", "head_dim"),
-    v_nbshd=("layers", BATCH, None, "kv_heads", "head_dim"),
-    valid_bs=(BATCH, None),
-)
+KV_LAYER_AXES = (BATCH, "kv_heads", None, "head_dim")  # each layer's K and V in `transformer.KVCache`
+KV_VALID_AXES = (BATCH, None)
 
 
 def kv_cache_constraint(mesh: Mesh, rules: Rules) -> Callable[[transformer.KVCache], transformer.KVCache]:
     """For `actor.make_sampler(constrain_cache=...)`: pins the cache's rows to the batch axes and its kv heads to
     the `kv_heads` rule (each device keeps the keys and values of its own rows and heads)."""
 
+    def pin(x: jax.Array, axes: tuple) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
+
     def constrain(cache: transformer.KVCache) -> transformer.KVCache:
         return transformer.KVCache(
-            *(
-                jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
-                for x, axes in zip(cache, KV_CACHE_AXES)
-            )
+            tuple(pin(k, KV_LAYER_AXES) for k in cache.k_bgsd),
+            tuple(pin(v, KV_LAYER_AXES) for v in cache.v_bgsd),
+            pin(cache.valid_bs, KV_VALID_AXES),
         )
 
     return constrain

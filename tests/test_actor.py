@@ -129,6 +129,16 @@ def test_sampled_token_frequencies_match_the_truncated_softmax(temperature, top_
     np.testing.assert_allclose(lp, np.log(q[tok]), atol=TOL)
 
 
+def test_inverse_cdf_never_draws_a_zero_probability_index():
+    from selfplay.actor import _inverse_cdf
+
+    n = 20_000
+    probs = jnp.asarray([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    draws = np.asarray(jax.jit(_inverse_cdf)(jnp.repeat(probs, n, axis=0), jax.random.key(3))).reshape(3, n)
+    assert set(np.unique(draws[0]).tolist()) == {1, 3} and abs((draws[0] == 1).mean() - 0.5) < 0.02
+    assert np.all(draws[1] == 4) and np.all(draws[2] == 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The sampler
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,29 @@ def test_bench_writes_one_json_line_without_timed_compilations(which, tmp_path, 
         assert rec["config"]["kl_coef"] == pytest.approx(0.04) and rec["config"]["rows"] == 4
     if which == "round":
         assert set(rec["stages"]) == {"rollout", "score", "reference", "update", "critic"}
+    if which != "actor":
+        assert rec["host_rss_mib"]["calls"] == 1 and rec["host_rss_mib"]["first"] > 0
+
+
+def test_round_without_refresh_counts_only_the_stages_that_ran(tmp_path):
+    out = tmp_path / "results.jsonl"
+    assert main(["bench", "round", "--config", TINY, "--out", str(out), *SMALL, "critic.refresh_every=0"]) == 0
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert set(rec["stages"]) == {"rollout", "score", "reference", "update"}
+    assert rec["flops"] == pytest.approx(sum(st["flops"] for st in rec["stages"].values()))
+
+
+def test_rss_trend_sees_a_leak_and_not_a_steady_process():
+    kept = []
+
+    def leaky(i):
+        kept.append(np.ones(2**20 // 8 * 4))  # 4 MiB more, kept, per call
+        return jnp.zeros(())
+
+    leak = perf.rss_trend(perf.time_calls(leaky, warmup=0, iterations=6).rss_mib)
+    steady = perf.rss_trend(perf.time_calls(lambda i: jnp.zeros(()) + i, warmup=2, iterations=6).rss_mib)
+    assert leak["slope_mib_per_100_calls"] > 300 and leak["last"] - leak["first"] > 15
+    assert abs(steady["slope_mib_per_100_calls"]) < 50
 
 
 def test_flop_count_by_hand():

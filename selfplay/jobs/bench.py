@@ -39,6 +39,7 @@ from selfplay.perf import (
     nocache_flops_executed,
     rate_stats,
     ratio_stats,
+    rss_trend,
     round_work,
     sample_work,
     time_calls,
@@ -285,6 +286,7 @@ def bench_learner(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -
         **ratio_stats(work, timed.times_s, timed.peaks),
         "compile_s": timed.compile_s, "first_call_s": timed.first_s,
         "compilations_timed": timed.compilations, "traces_timed": timed.traces,
+        "host_rss_mib": rss_trend(timed.rss_mib),
     }
 
 
@@ -380,7 +382,10 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     works = round_work(cfg, rows, _prompt_len(cfg, b), refresh_calls, calib_chunks)
     every = cc.refresh_every or 1
     amortised = {s: t / every if s == "critic" else t for s, t in split.items()}
-    work = functools.reduce(lambda a, w: a + w, (w.scaled(1 / every) if s == "critic" else w for s, w in works.items()))
+    # only the stages that ran: with critic.refresh_every=0 there is no refresh, and its work must not count
+    work = functools.reduce(
+        lambda a, w: a + w, (w.scaled(1 / every) if s == "critic" else w for s, w in works.items() if s in split)
+    )
     per_round = [sum(stage_times[s][i] / (every if s == "critic" else 1) for s in split) for i in range(timed_from, calls)]
     stats = rate_stats(float(rows), per_round)
     return {
@@ -402,6 +407,7 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
         },
         "compile_s": timed.compile_s, "first_call_s": timed.first_s,
         "compilations_timed": timed.compilations, "traces_timed": timed.traces,
+        "host_rss_mib": rss_trend(timed.rss_mib),
     }
 
 

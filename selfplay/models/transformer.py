@@ -50,21 +50,31 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class KVCache(NamedTuple):
     """Keys and values of every layer, one slot per buffer column; all rows share the slot index.
 
-    k_nbshd   [layers, B, S, kv_heads, head_dim]  rotated keys
-    v_nbshd   [layers, B, S, kv_heads, head_dim]
-    valid_bs  bool [B, S]                          the slot holds a real token (padding and unwritten slots: False)
+    k_bgsd    tuple, one per layer, of [B, kv_heads, S, head_dim]  rotated keys
+    v_bgsd    tuple, one per layer, of [B, kv_heads, S, head_dim]
+    valid_bs  bool [B, S]        the slot holds a real token (padding and unwritten slots: False)
+
+    One array per layer, head-major (slots second to last): a decode step writes its new slot into each in place and
+    the attention's batched dots read them as they lie ([B, kv_heads] batch, [S, head_dim] matrix). With one stacked
+    [layers, B, S, kv_heads, head_dim] array XLA's CPU backend copied every layer's whole K and V on every step, to
+    re-lay them out and to slice the layer (benchmarks/RESULTS.md).
     """
 
-    k_nbshd: jax.Array
-    v_nbshd: jax.Array
+    k_bgsd: tuple[jax.Array, ...]
+    v_bgsd: tuple[jax.Array, ...]
     valid_bs: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_len` slots (default dtype: the compute dtype)."""
     dtype = _DTYPES[cfg.compute_dtype] if dtype is None else dtype
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool))
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+    layers = range(cfg.n_layers)
+    return KVCache(
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        jnp.zeros((batch, max_len), bool),
+    )
 
 
 def _param(key: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], std: float | None, dtype: Any) -> nnx.Param:
@@ -101,14 +111,15 @@ class Layers(nnx.Module):
         return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def _rows_matmul(x_btd: jax.Array, w_df: jax.Array) -> jax.Array:
-    """x [B, T, D] @ w [D, F] -> [B, T, F] as one 2-D matmul over the B*T rows. XLA's CPU backend runs the backward's
-    weight-gradient dots of the 3-D einsum form with transposes around them, 2.5x slower (the SwiGLU MLP;
-    benchmarks/RESULTS.md). The same math; on CPU the same bits for the policies of the shipped configs (their SFT and
-    update reproduce exactly), while the vmapped critic ensemble differs in the last bits. The attention projections
-    keep their einsums for now: as 2-D matmuls they are faster too, but change the policies' bits."""
-    b, t, d = x_btd.shape
-    return jnp.matmul(x_btd.reshape(b * t, d), w_df).reshape(b, t, w_df.shape[-1])
+def _rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, *in] @ w [*in, *out] -> [B, T, *out] as one 2-D matmul [B*T, prod(in)] @ [prod(in), prod(out)], where
+    `in` is x's trailing dims after (B, T) (the model dim, or heads x head_dim for o_proj). XLA's CPU backend runs the
+    backward's weight-gradient dots of the 3-D einsum form with transposes around them, 2.5x slower (benchmarks/RESULTS.md).
+    The same math as the einsum; not always the same bits (the summation order of a dot may differ)."""
+    b, t, *din = x.shape
+    k = math.prod(din)
+    dout = w.shape[len(din):]
+    return jnp.matmul(x.reshape(b * t, k), w.reshape(k, math.prod(dout))).reshape(b, t, *dout)
 
 
 class Transformer(nnx.Module):
@@ -132,6 +143,7 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
         segment_ids_bt: jax.Array | None = None,
+        layer_weights: list[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states (after the final norm, compute dtype) [B, T, d_model] and the updated cache.
 
@@ -141,6 +153,9 @@ class Transformer(nnx.Module):
         With a cache: the T tokens are written to slots cache_index..cache_index+T (the same for every row) and
         each attends causally to the valid slots up to its own.
         segment_ids_bt: packed rows (no cache): a token attends only to tokens of its own segment.
+        layer_weights: with a cache, `self.layer_weights()` taken once outside a decode loop, so the loop does not
+        slice every layer's weights out of the stacked arrays on every step (XLA's CPU backend copies them); None:
+        sliced here.
         """
         cfg = self.cfg
         cdt = _DTYPES[cfg.compute_dtype]
@@ -163,39 +178,50 @@ class Transformer(nnx.Module):
             assert cache is None, "packed segments are for training forwards, not the cache"
             mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
 
-        def block(carry, xs):
-            h_btd, k_cache, v_cache = carry
-            p, i = xs
+        def block(h_btd, p, k_cache, v_cache):
+            """One decoder block; with a layer's cache [B, kv_heads, S, head_dim] (else None) it writes its slots."""
             p = {name: w.astype(cdt) for name, w in p.items()}
             x = _rms_norm(h_btd, p["attn_norm"], cfg.norm_eps)
-            q = jnp.einsum("btd,dhk->bthk", x, p["q_proj"])
-            k = jnp.einsum("btd,dhk->bthk", x, p["k_proj"])
-            v = jnp.einsum("btd,dhk->bthk", x, p["v_proj"])
+            q, k, v = (_rows_matmul(x, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
             if cfg.attention_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             q, k = _rope(q, sin_btk, cos_btk), _rope(k, sin_btk, cos_btk)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, T, head_dim]
             if k_cache is None:
                 keys, values = k, v
             else:
-                start = (i, 0, cache_index, 0, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-                keys, values = k_cache[i].astype(cdt), v_cache[i].astype(cdt)
+                start = (0, 0, cache_index, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+                keys, values = k_cache.astype(cdt), v_cache.astype(cdt)
             attn = _attention(q, keys, values, mask_bts)
-            h_btd = h_btd + jnp.einsum("bthk,hkd->btd", attn, p["o_proj"])
+            h_btd = h_btd + _rows_matmul(attn, p["o_proj"])
             x = _rms_norm(h_btd, p["mlp_norm"], cfg.norm_eps)
             gate = jax.nn.silu(_rows_matmul(x, p["gate_proj"]))
             h_btd = h_btd + _rows_matmul(gate * _rows_matmul(x, p["up_proj"]), p["down_proj"])
-            return (h_btd, k_cache, v_cache), None
+            return h_btd, k_cache, v_cache
 
-        k0, v0 = (None, None) if cache is None else (cache.k_nbshd, cache.v_nbshd)
-        # The cache rides in the carry (not xs/ys) so each step rewrites only its T new slots in place.
-        (h_btd, k_cache, v_cache), _ = jax.lax.scan(
-            block, (x_btd, k0, v0), (self.layers.arrays(), jnp.arange(cfg.n_layers))
-        )
+        if cache is None:  # training and scoring forwards: one scan over the stacked layers
+            h_btd, _ = jax.lax.scan(lambda h, p: (block(h, p, None, None)[0], None), x_btd, self.layers.arrays())
+            new_cache = None
+        else:
+            # With a cache the layers are unrolled: each layer's K/V is an array of its own, written in place and read
+            # as it lies, and each layer's weights a slice a decode loop can take once (`layer_weights`).
+            ks, vs = [], []
+            h_btd = x_btd
+            layer_weights = self.layer_weights() if layer_weights is None else layer_weights
+            for i in range(cfg.n_layers):
+                h_btd, k_i, v_i = block(h_btd, layer_weights[i], cache.k_bgsd[i], cache.v_bgsd[i])
+                ks.append(k_i)
+                vs.append(v_i)
+            new_cache = KVCache(tuple(ks), tuple(vs), key_valid_bs)
         h_btd = _rms_norm(h_btd, self.final_norm[...].astype(cdt), cfg.norm_eps)
-        new_cache = None if cache is None else KVCache(k_cache, v_cache, key_valid_bs)
         return h_btd, new_cache
+
+    def layer_weights(self) -> list[dict[str, jax.Array]]:
+        """Each layer's weights sliced out of the stacked arrays (for `hidden(layer_weights=...)`)."""
+        stacked = self.layers.arrays()
+        return [{name: w[i] for name, w in stacked.items()} for i in range(self.cfg.n_layers)]
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """LM head in float32 [B, T, vocab]."""
@@ -213,9 +239,11 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
         segment_ids_bt: jax.Array | None = None,
+        layer_weights: list[dict[str, jax.Array]] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         h_btd, cache = self.hidden(
-            tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index, segment_ids_bt=segment_ids_bt
+            tokens_bt, positions_bt, valid_bt, cache=cache, cache_index=cache_index, segment_ids_bt=segment_ids_bt,
+            layer_weights=layer_weights,
         )
         return self.logits(h_btd), cache
 
@@ -240,16 +268,17 @@ def _rope(x_bthk: jax.Array, sin_btk: jax.Array, cos_btk: jax.Array) -> jax.Arra
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_bthk.dtype)
 
 
-def _attention(q_bthk: jax.Array, k_bsgk: jax.Array, v_bsgk: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Grouped-query attention; scores and softmax in float32. Query head h reads kv head h // group."""
+def _attention(q_bthk: jax.Array, k_bgsk: jax.Array, v_bgsk: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query attention; scores and softmax in float32. Query head h reads kv head h // group.
+    Keys and values head-major [B, kv_heads, S, head_dim] (the KV cache's layout)."""
     b, t, h, hd = q_bthk.shape
-    g = k_bsgk.shape[2]
+    g = k_bgsk.shape[1]
     q = q_bthk.reshape(b, t, g, h // g, hd)
-    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k_bsgk, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.einsum("btgrk,bgsk->bgrts", q, k_bgsk, preferred_element_type=jnp.float32) / math.sqrt(hd)
     # A finite fill keeps rows with no valid key (padding queries) finite; their outputs are never used.
     scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgk.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsk.dtype)
+    out = jnp.einsum("bgrts,bgsk->btgrk", probs, v_bgsk)
     return out.reshape(b, t, h, hd)
 
 
@@ -313,7 +342,10 @@ def token_logprobs(
     logits_blv, _ = forward(graphdef, params, tokens_bl, positions_bl, valid_bl, segment_ids_bt=segment_ids_bl)
     logp_blv = jax.nn.log_softmax(logits_blv[:, :-1], axis=-1)
     target_bl = tokens_bl[:, 1:]
-    lp_bl = jnp.take_along_axis(logp_blv, target_bl[..., None], axis=-1)[..., 0]
+    # A masked sum, not take_along_axis: the same numbers, and its gradient is an elementwise select rather than a
+    # scatter into a zeroed [B, L, vocab] buffer.
+    vocab_v = jnp.arange(logp_blv.shape[-1], dtype=target_bl.dtype)
+    lp_bl = jnp.sum(jnp.where(target_bl[..., None] == vocab_v, logp_blv, 0.0), axis=-1)
     ent_bl = -jnp.sum(jnp.exp(logp_blv) * logp_blv, axis=-1)
     valid = valid_bl.astype(bool)
     keep_bl = valid[:, 1:] & valid[:, :-1]
