@@ -182,7 +182,7 @@ def test_tensorboard_has_the_documented_tags(prepared, tmp_path):
         "kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "loss/policy", "loss/value",
         "loss/critic", "critic/accuracy", "completions/mean_length", "completions/clipped_ratio",
         "diversity/distinct_2", "diversity/self_bleu", "perf/tokens_per_s", "perf/step_time",
-        "timing/rollout", "timing/score", "timing/reference", "timing/update", "timing/critic",
+        "timing/rollout", "timing/score", "timing/reference", "timing/update", "timing/critic", "timing/host",
         "alarm/over_optimisation", "alarm/kl", "alarm/collapse",
     }
     assert expected <= scalars, sorted(expected - scalars)

@@ -8,6 +8,7 @@ measurements (gold grader, diversity, lengths). `selfplay bench round` times the
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -28,6 +29,10 @@ from selfplay.rewards import Rewards
 from selfplay.run.state import RunState
 from selfplay.run.task import Task
 from selfplay.world import mean_scores
+
+
+# One thread for the round's host work (text decoding, the gold grader, diversity), overlapped with the device's.
+_HOST = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfplay-host")
 
 
 class Stopwatch:
@@ -139,13 +144,29 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
     idx = run.prompts.take(n_prompts)
     prompts = [task.train_prompts[i] for i in idx]
     rollout, p = sw("timing/rollout", gen.rollout, run.learner.params, prompts, jax.random.fold_in(key_r, 0), g)
+    rep = [q for q in prompts for _ in range(g)]
+    # The host's work (decoding the essays, the gold grader, later the diversity measures) runs on a thread while the
+    # device scores, takes the reference log-probs and updates. Every device transfer stays on this thread (in a
+    # multi-process run they are collectives, which must be issued in the same order everywhere).
+    tokens_h, mask_h, eos_h = sharding.to_host((rollout.tokens_bl, rollout.completion_mask_bl, rollout.eos_b))
+    host_s = [0.0]
+
+    def on_host(fn: Callable[..., Any], *args: Any) -> Any:
+        t = time.perf_counter()
+        out = fn(*args)
+        host_s[0] += time.perf_counter() - t
+        return out
+
+    def decode_and_grade() -> tuple[list[str], list | None]:
+        essays = gen.decode(tokens_h, mask_h, p)
+        return essays, task.grades(rep, essays)
+
+    graded = _HOST.submit(on_host, decode_and_grade)
     scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
     rewards_b = scores.rewards_b
     ref_lp = sw("timing/reference", steps.reference(p), setup.ref_params, rollout)
 
-    essays = gen.completions(rollout, p)
-    rep = [q for q in prompts for _ in range(g)]
-    grades = task.grades(rep, essays)
+    essays, grades = graded.result()
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
     r_fb = total_b = None
@@ -159,19 +180,21 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         run.learner, m = steps.update(p)(run.learner, learner.Batch(rollout, train_rewards, ref_lp, ptx_rows), jax.random.fold_in(key_r, 1))
         return jax.device_get(m)
 
+    r, raw = sharding.to_host((rewards_b, raw_b))
+    measured = _HOST.submit(on_host, measure, r, raw, mask_h, eos_h, essays, grades, g)
     metrics: dict[str, float] = {k: float(v) for k, v in sw("timing/update", update).items()}
     refreshed = setup.refresh_source is not None and rnd % cfg.critic.refresh_every == 0
     if refreshed:
         metrics |= sw("timing/critic", refresh, run.critic, run.learner.params, setup.refresh_source)
 
-    r, raw, mask, eos_b = sharding.to_host((rewards_b, raw_b, rollout.completion_mask_bl, rollout.eos_b))
-    metrics |= measure(r, raw, mask, eos_b, essays, grades, g)
+    metrics |= measured.result()
     if r_fb is not None:
         metrics |= setup.rewards.metrics(r, r_fb, total_b)
     timing = sw.last()
+    timing["timing/host"] = host_s[0]
     timing["perf/step_time"] = time.perf_counter() - t_round
     metrics |= timing
-    metrics["perf/tokens_per_s"] = float(mask.sum()) / max(timing["timing/rollout"], 1e-9)
+    metrics["perf/tokens_per_s"] = float(mask_h.sum()) / max(timing["timing/rollout"], 1e-9)
     return RoundResult(metrics, r, sample_text(rep, essays, r, grades), refreshed)
 
 
