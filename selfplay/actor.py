@@ -319,13 +319,6 @@ class Generator:
         may run on another thread while the device works)."""
         return decode_completions(self.policy.tokenizer, tokens_bl, mask_bl, prompt_width)
 
-
-def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[str]:
-    """Each row's completion as text: the columns after `prompt_width` that the mask keeps, EOS ids dropped."""
-    tokens, mask = tokens_bl[:, prompt_width:], mask_bl[:, prompt_width:] > 0
-    eos = set(tok.eos_ids)
-    return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]
-
     def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:
         """Completions for every prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""
         params = self.policy.params if params is None else params
@@ -334,3 +327,10 @@ def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, pro
             rollout, p = self.rollout(params, chunk, jax.random.fold_in(rng, c), samples_per_prompt)
             out += self.completions(rollout, p)[: real * samples_per_prompt]
         return out
+
+
+def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[str]:
+    """Each row's completion as text: the columns after `prompt_width` that the mask keeps, EOS ids dropped."""
+    tokens, mask = tokens_bl[:, prompt_width:], mask_bl[:, prompt_width:] > 0
+    eos = set(tok.eos_ids)
+    return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]
