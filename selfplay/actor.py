@@ -314,11 +314,6 @@ class Generator:
         tokens, mask = sharding.to_host((rollout.tokens_bl, rollout.completion_mask_bl))
         return decode_completions(self.policy.tokenizer, tokens, mask, prompt_width)
 
-    def decode(self, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[str]:
-        """`completions` from the rollout's tokens and completion mask already on the host (no device access, so it
-        may run on another thread while the device works)."""
-        return decode_completions(self.policy.tokenizer, tokens_bl, mask_bl, prompt_width)
-
     def generate(self, prompts: Sequence[str], rng: jax.Array, samples_per_prompt: int = 1, params: Any = None) -> list[str]:
         """Completions for every prompt, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""
         params = self.policy.params if params is None else params
@@ -330,7 +325,8 @@ class Generator:
 
 
 def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[str]:
-    """Each row's completion as text: the columns after `prompt_width` that the mask keeps, EOS ids dropped."""
+    """Each row's completion as text: the columns after `prompt_width` that the mask keeps, EOS ids dropped. Host
+    arrays only (no device access), so it may run on another thread while the device works."""
     tokens, mask = tokens_bl[:, prompt_width:], mask_bl[:, prompt_width:] > 0
     eos = set(tok.eos_ids)
     return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]

@@ -256,9 +256,10 @@ def rss_trend(rss_mib: list[float]) -> dict[str, Any]:
     """Host RSS over the timed calls: first, last, max, and the least-squares slope in MiB per 100 calls (flat: ~0).
     The first timed call comes after the compile and the warm-up, so allocator warm-up is mostly behind it."""
     r = np.asarray(rss_mib, float)
+    if not len(r):
+        return {}
     slope = float(np.polyfit(np.arange(len(r)), r, 1)[0]) * 100 if len(r) > 1 and np.isfinite(r).all() else float("nan")
-    return {"first": float(r[0]), "last": float(r[-1]), "max": float(r.max()), "slope_mib_per_100_calls": slope,
-            "calls": len(r)} if len(r) else {}
+    return {"first": float(r[0]), "last": float(r[-1]), "max": float(r.max()), "slope_mib_per_100_calls": slope, "calls": len(r)}
 
 
 def rate_stats(work: float, times_s: list[float]) -> dict[str, float]:

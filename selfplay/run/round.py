@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from selfplay import learner, sharding
-from selfplay.actor import Generator
+from selfplay.actor import Generator, decode_completions
 from selfplay.config import Config
 from selfplay.critic import PairSource, refresh, score_rollout
 from selfplay.models import heads, transformer
@@ -158,7 +158,7 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         return out
 
     def decode_and_grade() -> tuple[list[str], list | None]:
-        essays = gen.decode(tokens_h, mask_h, p)
+        essays = decode_completions(gen.policy.tokenizer, tokens_h, mask_h, p)
         return essays, task.grades(rep, essays)
 
     graded = _HOST.submit(on_host, decode_and_grade)
