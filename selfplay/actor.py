@@ -330,3 +330,33 @@ def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, pro
     tokens, mask = tokens_bl[:, prompt_width:], mask_bl[:, prompt_width:] > 0
     eos = set(tok.eos_ids)
     return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]
+
+
+def token_char_ends(tok: Any, ids: Sequence[int]) -> list[int]:
+    """For each id of `ids`, the length of `tok.decode(ids[: i + 1])`: where its text ends in the decoded text (ids
+    that add no text end where the previous one did). One decode per id when the pieces add up to the whole, else
+    one decode per prefix (a multi-byte character split over ids)."""
+    ends, n = [], 0
+    for t in ids:
+        n += len(tok.decode([t]))
+        ends.append(n)
+    if n == len(tok.decode(ids)):
+        return ends
+    return [len(tok.decode(ids[: i + 1])) for i in range(len(ids))]
+
+
+def token_credits(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int,
+                  spans: Sequence[Sequence[tuple[int, int, float]]]) -> np.ndarray:
+    """float32 [B, L]: each completion token gets the credit of the text span (start, end, credit) of its row's
+    decoded completion (`decode_completions`) that holds the token's last character; 0 elsewhere (prompt, padding,
+    EOS, text between spans). Host arrays only."""
+    out = np.zeros(tokens_bl.shape, np.float32)
+    eos = set(tok.eos_ids)
+    for b, row_spans in enumerate(spans):
+        cols = [c for c in range(prompt_width, tokens_bl.shape[1]) if mask_bl[b, c] > 0 and int(tokens_bl[b, c]) not in eos]
+        ends = token_char_ends(tok, [int(tokens_bl[b, c]) for c in cols])
+        starts = [0, *ends[:-1]]
+        for c, s, e in zip(cols, starts, ends):
+            if e > s:
+                out[b, c] = next((v for a, z, v in row_spans if a <= e - 1 < z), 0.0)
+    return out

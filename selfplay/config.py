@@ -293,6 +293,7 @@ class LearnerConfig:
     # world's human corpus, or run.ptx_file. 0: off.
     ptx_coef: float = 0.0
     ptx_batch: int = 16  # human examples per update step, split over learner.minibatches
+    token_credit_coef: float = 0.5  # weight of run.token_credit's per-token credit in the advantages (when it is on)
     gamma: float = 1.0
     lam: float = 0.95
     value_clip: float = 0.2
@@ -305,7 +306,7 @@ class LearnerConfig:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
         _check_ranges(self, prefix, positive=("lr", "adv_eps", "value_clip"),
                       non_negative=("warmup_steps", "weight_decay", "clip_eps_low", "clip_eps_high", "loss_agg_constant",
-                                    "kl_coef", "entropy_coef", "vf_coef"),
+                                    "kl_coef", "entropy_coef", "vf_coef", "token_credit_coef"),
                       unit=("gamma", "lam"))
         if self.max_grad_norm <= 0:
             raise ConfigError(f"{prefix}.max_grad_norm must be > 0, got {self.max_grad_norm}")
@@ -397,6 +398,11 @@ class RunConfig:
     prompts_file: str = ""
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
     reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
+    # Fine-Grained RLHF's dense credit, added to each token's advantage: learner.token_credit_coef x the credit of the span
+    # holding the token, from the gold grader's verdict on each sentence (selfplay.world.grader.SENTENCE_CREDIT: +1 a
+    # correct asked fact, -1 a hallucinated, repeated, unparsed or off-topic sentence, 0 else). gold_sentence: the whole
+    # sentence earns it; gold_value: a claim's stated value alone (grader.credit_spans). With reward_source=gold only.
+    token_credit: Literal["none", "gold_sentence", "gold_value"] = "none"
     ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
 
     def validate(self, prefix: str) -> None:
@@ -696,6 +702,10 @@ def check_reward_source(run: RunConfig) -> None:
     package task are two sources of prompts."""
     if run.reward_source == "gold" and run.prompts_file:
         raise ConfigError("run.reward_source=gold needs the essay world (no run.prompts_file)")
+    if run.token_credit != "none" and run.reward_source != "gold":
+        raise ConfigError(
+            f"run.token_credit={run.token_credit} reads the gold grader: it needs run.reward_source=gold, got {run.reward_source}"
+        )
     if run.reward_source == "gold" and run.task != "essays":
         raise ConfigError(f"run.reward_source=gold needs the essay world, not run.task={run.task}")
     if run.prompts_file and run.task != "essays":

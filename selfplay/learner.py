@@ -141,12 +141,15 @@ class Batch(NamedTuple):
     rewards_b        float32 [B] the critic's scores
     ref_logprobs_bl  float32 [B, L] the frozen reference's log-probs (`make_reference_logprobs`)
     ptx              human examples mixed back in (learner.ptx_coef > 0 only; rows divisible by learner.minibatches)
+    token_credits_bl float32 [B, L] per-token credit (run.token_credit), added x learner.token_credit_coef to the
+                     completion tokens' advantages; None: none
     """
 
     rollout: Rollout
     rewards_b: jax.Array
     ref_logprobs_bl: jax.Array
     ptx: PtxRows | None = None
+    token_credits_bl: jax.Array | None = None
 
 
 def init_train_state(
@@ -183,6 +186,15 @@ def _keep_if_finite(new: Any, old: Any) -> tuple[Any, jax.Array]:
     leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old), ok
+
+
+def _centred_credits(credits_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """The credited tokens' credits minus their mean over the batch (0 stays 0): they move probability between the
+    choices the credit judges (a right value against a wrong one), not away from making a choice at all. Uncentred,
+    a policy whose claims are wrong half the time learns to stop claiming."""
+    credited_bt = (credits_bt != 0) & (mask_bt > 0)
+    mean = jnp.sum(jnp.where(credited_bt, credits_bt, 0.0)) / jnp.maximum(jnp.sum(credited_bt), 1)
+    return jnp.where(credited_bt, credits_bt - mean, 0.0)
 
 
 def _model_inputs(rollout: Rollout, prompt_width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -360,6 +372,10 @@ def make_update_step(
             group_size=group_size,
             kl_coef=kl_coef,
         )
+        if batch.token_credits_bl is not None:  # dense credit (Fine-Grained RLHF), on top of the sequence's advantage
+            chex.assert_shape(batch.token_credits_bl, (b, l))
+            adv = adv._replace(advantages_bt=adv.advantages_bt + cfg.token_credit_coef * _centred_credits(
+                stop(batch.token_credits_bl[:, p:]).astype(jnp.float32), mask_bt))
         sampling_bt = rollout.logprobs_bl[:, p:] if single_pass and report_gap else None
         rows = _Rows(
             tokens_bl, positions_bl, valid_bl, mask_bt, old_logprobs_bt, ref_logprobs_bt,

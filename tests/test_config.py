@@ -271,6 +271,8 @@ def test_load_config_checks_then_ignores_the_bench_section(tmp_path):
          "actor.prompts_per_round x actor.samples_per_prompt (64) must be divisible by learner.minibatches (3)"),
         (["run.reward_source=gold", "run.prompts_file=p.jsonl"], ["run.reward_source=gold"],
          "run.reward_source=gold needs the essay world (no run.prompts_file)"),
+        (["run.token_credit=gold_value"], ["run.token_credit=gold_value", "run.reward_source=gold"],
+         "run.token_credit=gold_value reads the gold grader: it needs run.reward_source=gold, got critic"),
         (["learner.ptx_coef=0.5", "run.prompts_file=p.jsonl"], ["learner.ptx_coef=0.5", "run.prompts_file=p.jsonl", "run.ptx_file=h.jsonl"],
          "learner.ptx_coef > 0 with run.prompts_file needs human examples: set run.ptx_file"),
     ],

@@ -90,6 +90,29 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     assert ma == mb
 
 
+def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
+    """run.token_credit=gold_value (the gold reward's dense credit): a run resumed after round 1 equals the straight
+    one in every logged figure and every leaf, and the credits change the update against the plain gold reward."""
+    quiet = Console(quiet=True)
+    gold = ["run.reward_source=gold", "run.checkpoint_every=1"]
+    runs = {}
+    for name, extra, lengths in (("straight", ["run.token_credit=gold_value"], [2]),
+                                 ("split", ["run.token_credit=gold_value"], [1, 2]), ("plain", [], [2])):
+        run = runs[name] = _copy(prepared, tmp_path, name)
+        for n in lengths:
+            train(run, None, [*gold, *extra, f"run.rounds={n}"], progress=False, console=quiet)
+    a, b = _rows(runs["straight"]), _rows(runs["split"])
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert _reproducible(ra) == _reproducible(rb)
+    (fa, ma), (fb, mb), (fc, _) = (_final_flat(runs[n]) for n in ("straight", "split", "plain"))
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    assert ma == mb
+    assert a[0]["advantages/mean"] != _rows(runs["plain"])[0]["advantages/mean"]
+    assert any(not np.array_equal(np.asarray(fa[k]), np.asarray(fc[k])) for k in fa if "learner" in k)
+
+
 def test_extending_a_run_equals_a_run_of_the_new_length_from_the_start(prepared, tmp_path):
     """run.rounds may grow on resume when nothing already computed depends on it: the initial critic (trained here, in
     the run, from critic.initial_labels) and the refreshes' labels are those of a run that was that long from the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -108,3 +109,32 @@ def test_load_errors_name_the_file(tmp_path):
         Tokenizer.load(tmp_path / "missing.json")
     with pytest.raises(UserError, match="vocab_size must be >= 260"):
         Tokenizer.train(["abc"], 100)
+
+
+def test_token_credits_follow_the_text_spans(tok: Tokenizer, corpus):
+    """Each completion token gets the credit of the span holding its last character, including for text whose
+    characters span several byte-level tokens; prompt columns, EOS and padding get 0."""
+    from selfplay.actor import decode_completions, token_char_ends, token_credits
+
+    essays = [corpus[0][1], "ünïcödé ✓ 漢字 🙂. Second sentence here."]
+    width, p = 160, 5
+    tokens = np.zeros((2, width), np.int32)
+    mask = np.zeros((2, width), np.float32)
+    for b, text in enumerate(essays):
+        ids = tok.encode(text) + [tok.eos_id]
+        tokens[b, :p] = 7
+        tokens[b, p:p + len(ids)] = ids
+        mask[b, p:p + len(ids)] = 1.0
+    assert decode_completions(tok, tokens, mask, p) == essays
+    spans = [[(0, 10, 1.0), (10, len(essays[0]), -1.0)], [(0, len(essays[1]) // 2, 0.5)]]
+    credits = token_credits(tok, tokens, mask, p, spans)
+    assert credits.shape == tokens.shape and not credits[:, :p].any()
+    for b, text in enumerate(essays):
+        ids = tok.encode(text)
+        ends = token_char_ends(tok, ids)
+        assert ends[-1] == len(text) and ends == [len(tok.decode(ids[: i + 1])) for i in range(len(ids))]
+        for i, e in enumerate(ends):
+            want = next((v for a, z, v in spans[b] if a <= e - 1 < z), 0.0) if e > (ends[i - 1] if i else 0) else 0.0
+            assert credits[b, p + i] == want, (b, i)
+        assert credits[b, p + len(ids)] == 0.0  # EOS
+    assert (credits[0, p:] == 1.0).any() and (credits[0, p:] == -1.0).any() and (credits[1, p:] == 0.5).any()

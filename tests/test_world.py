@@ -324,6 +324,42 @@ def test_each_flaw_moves_exactly_its_own_subscores(world: World, flaw: str, mode
             assert s.structure == 0.5 and s.has_conclusion + s.has_intro == 1
 
 
+FLAW_VERDICT = {"wrong": "contradicting", "extra_contradiction": "contradicting", "foreign_attribute": "contradicting",
+                "unsupported": "unsupported", "repeat": "repeated", "restate": "repeated", "off_topic": "off_topic",
+                "foreign_elaboration": "off_topic", "unparsed": "unparsed"}
+
+
+def test_sentence_verdicts_name_the_flaw_and_add_up_to_the_scores(world: World):
+    """grade_sentences: the spans are the grader's sentences; a perfect essay has only correct claims and on-topic
+    framing; one injected flaw gives exactly one sentence its verdict; the verdicts count what the scores count."""
+    rng = np.random.default_rng(14)
+    for flaw, verdict in FLAW_VERDICT.items():
+        for _ in range(10):
+            p = _prompt(world, rng, 4)
+            sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+            essay = "  ".join(_inject(world, p, sents, flaw, rng)) + "\n"
+            s, judged = world.grade_sentences(p.text, essay)
+            assert s == world.grade(p.text, essay)
+            assert [" ".join(essay[a:b].split()) for a, b, _, _ in judged] == grammar.split_sentences(essay)
+            kinds = [v for _, _, v, _ in judged]
+            for where in ("sentence", "value"):
+                spans = grader.credit_spans(essay, judged, where)
+                assert [c for _, _, c in spans] == [grader.SENTENCE_CREDIT[v] for v in kinds if v != "other"]
+                for (a, b, c), (sa, sb, v, value) in zip(spans, [j for j in judged if j[2] != "other"]):
+                    if where == "value" and v in ("correct", "contradicting"):
+                        assert essay[a:b] == value and sa <= a < b <= sb
+                    else:
+                        assert (a, b) == (sa, sb)
+            assert set(kinds) <= set(grader.VERDICTS)
+            assert [v for v in kinds if v not in ("correct", "other")] == [verdict], (flaw, kinds)
+            assert kinds.count("correct") == s.n_covered
+            assert (kinds.count("contradicting"), kinds.count("unsupported"), kinds.count("repeated")) == (
+                s.n_contradicting, s.n_unsupported, s.n_repeated)
+            assert kinds.count("off_topic") == s.n_off_topic and kinds.count("unparsed") == s.n_unparsed
+    assert grader.SENTENCE_CREDIT["correct"] > grader.SENTENCE_CREDIT["other"] == 0.0
+    assert all(grader.SENTENCE_CREDIT[v] < 0 for v in FLAW_VERDICT.values())
+
+
 def test_too_long_lowers_length_only(world: World):
     rng = np.random.default_rng(5)
     p = _prompt(world, rng, None)
@@ -402,6 +438,36 @@ def test_closed_book_honest_essay_beats_inventing_one(world: World):
             honest = world.grade(p.text, " ".join([intro, *true, concl])).score
             invented = world.grade(p.text, " ".join([intro, *true, wrong, concl])).score
             assert honest > invented
+
+
+def _no_claim_essay(world: World, p: Prompt) -> list[str]:
+    """An introduction, every elaboration of the topic's kind and a conclusion: on topic, distinct, fluent, inside
+    the length band, and not one claim about the topic: the longest honest way to say nothing."""
+    return ([grammar.INTROS[0].render(name=p.topic, a_kind=A_KIND[p.kind])]
+            + [t.render(name=p.topic) for t in grammar.ELABORATIONS[p.kind]]
+            + [grammar.CONCLUSIONS[1].render(name=p.topic)])
+
+
+def test_no_free_credit_for_stating_nothing(world: World):
+    """The grader's hole, closed: an essay that states no fact about its topic scores at most the documented bound,
+    below the SFT policy's mean, and below the same essay with one asked fact stated correctly."""
+    rng = np.random.default_rng(13)
+    bound = (grader.W_STRUCTURE + grader.W_FLUENCY + grader.W_HALLUCINATION * grader.NO_CLAIM_HONESTY
+             + grader.W_REPETITION + grader.W_RELEVANCE + grader.W_LENGTH)
+    assert bound < 0.6  # the SFT policy's held-out mean is 0.64 (README, "What you should see")
+    for n_facts in (1, 2, 3, 4, 5):
+        for _ in range(30):
+            p = _prompt(world, rng, n_facts)
+            sents = _no_claim_essay(world, p)
+            empty = world.grade(p.text, " ".join(sents))
+            assert empty.n_claims == 0 and empty.fluency == 1.0 and empty.structure == 1.0, (sents, empty)
+            assert grader.MIN_WORDS <= empty.n_words <= grader.MAX_WORDS
+            assert empty.score == pytest.approx(bound)
+            attr, value = p.sheet[int(rng.integers(len(p.sheet)))]
+            one = world.grade(p.text, " ".join([*sents[:-1], world.fact_sentence(p.topic, p.kind, attr, value, rng), sents[-1]]))
+            assert (one.n_claims, one.n_covered, one.n_hallucinated) == (1, 1, 0)
+            assert one.score == pytest.approx(
+                empty.score + grader.W_COVERAGE / n_facts + grader.W_HALLUCINATION * (1 - grader.NO_CLAIM_HONESTY))
 
 
 @pytest.mark.parametrize(

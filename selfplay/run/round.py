@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from selfplay import learner, sharding
-from selfplay.actor import Generator, decode_completions
+from selfplay.actor import Generator, decode_completions, token_credits
 from selfplay.config import Config
 from selfplay.critic import PairSource, refresh, score_rollout
 from selfplay.models import heads, transformer
@@ -29,6 +29,7 @@ from selfplay.rewards import Rewards
 from selfplay.run.state import RunState
 from selfplay.run.task import Task
 from selfplay.world import mean_scores
+from selfplay.world.grader import credit_spans
 
 
 # One thread for the round's host work (text decoding, the gold grader, diversity), overlapped with the device's.
@@ -157,16 +158,22 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         host_s[0] += time.perf_counter() - t
         return out
 
-    def decode_and_grade() -> tuple[list[str], list | None]:
-        essays = decode_completions(gen.policy.tokenizer, tokens_h, mask_h, p)
-        return essays, task.grades(rep, essays)
+    def decode_and_grade() -> tuple[list[str], list | None, np.ndarray | None]:
+        tok = gen.policy.tokenizer
+        essays = decode_completions(tok, tokens_h, mask_h, p)
+        if cfg.run.token_credit == "none":
+            return essays, task.grades(rep, essays), None
+        judged = [task.world.grade_sentences(q, e) for q, e in zip(rep, essays)]  # type: ignore[union-attr]
+        where = cfg.run.token_credit.removeprefix("gold_")
+        spans = [credit_spans(e, verdicts, where) for e, (_, verdicts) in zip(essays, judged)]
+        return essays, [s for s, _ in judged], token_credits(tok, tokens_h, mask_h, p, spans)
 
     graded = _HOST.submit(on_host, decode_and_grade)
     scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
     rewards_b = scores.rewards_b
     ref_lp = sw("timing/reference", steps.reference(p), setup.ref_params, rollout)
 
-    essays, grades = graded.result()
+    essays, grades, credits_bl = graded.result()
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
     r_fb = total_b = None
@@ -177,7 +184,9 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     def update() -> dict:
         ptx_rows = run.ptx.take(cfg.learner.ptx_batch) if run.ptx is not None else None
-        run.learner, m = steps.update(p)(run.learner, learner.Batch(rollout, train_rewards, ref_lp, ptx_rows), jax.random.fold_in(key_r, 1))
+        credits = None if credits_bl is None else steps.place_batch(credits_bl)
+        batch = learner.Batch(rollout, train_rewards, ref_lp, ptx_rows, credits)
+        run.learner, m = steps.update(p)(run.learner, batch, jax.random.fold_in(key_r, 1))
         return jax.device_get(m)
 
     r, raw = sharding.to_host((rewards_b, raw_b))

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from selfplay.world.grammar import A_KIND, Template, split_sentences
+from selfplay.world.grammar import A_KIND, Template, sentence_spans
 
 if TYPE_CHECKING:
     from selfplay.world.world import Prompt, World
@@ -20,6 +20,10 @@ W_RELEVANCE = 0.10
 W_STRUCTURE = 0.10
 W_FLUENCY = 0.10
 W_LENGTH = 0.05
+# The honesty credit of an essay that claims nothing about its topic: half, "neither shown true nor shown false".
+# Full credit (the grader before 2026-12-03) paid an essay of an introduction and a conclusion about 0.70, above the
+# SFT policy's mean, for saying nothing; zero would let a first wrong claim cost nothing (see `grade`).
+NO_CLAIM_HONESTY = 0.5
 MIN_WORDS = 15  # a perfect two-fact essay has at least 18 words
 MAX_WORDS = 100  # the longest human essays have about 85 words
 LENGTH_BAND = (MIN_WORDS, MAX_WORDS)
@@ -74,6 +78,15 @@ def mean_scores(scores: Iterable[GoldScores]) -> dict[str, float]:
     return {f: float(sum(r[f] for r in rows) / len(rows)) for f in GOLD_FIELDS}
 
 
+# What the grader decided about each sentence (`grade_sentences`), and the sentence-level credit each verdict earns
+# (`SENTENCE_CREDIT`: Fine-Grained RLHF's sentence rewards, read off the gold grader; an ablation signal, like
+# run.reward_source=gold). "correct": a claim stating an asked fact correctly (it raises coverage); "other": an
+# introduction, elaboration or conclusion on topic.
+VERDICTS = ("correct", "contradicting", "unsupported", "repeated", "unparsed", "off_topic", "other")
+SENTENCE_CREDIT = {"correct": 1.0, "contradicting": -1.0, "unsupported": -1.0, "repeated": -1.0, "unparsed": -1.0,
+                   "off_topic": -1.0, "other": 0.0}
+
+
 def length_score(n_words: int) -> float:
     if n_words < MIN_WORDS:
         return n_words / MIN_WORDS
@@ -84,6 +97,7 @@ def length_score(n_words: int) -> float:
 
 def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     """Gold sub-scores and score of `essay` for a prompt of `world`; never raises on the essay.
+    (`grade_sentences` also says what it decided about each sentence.)
 
     Gold sub-scores (`GoldScores`), for a prompt about topic T of kind K. A sentence's *subject* is its
     `{name}` slot; every template has one.
@@ -104,6 +118,8 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
       hallucination_rate   (contradicting + unsupported) / claims, 0 without claims; split into
                        contradiction_rate and unsupported_rate. Claims about other entities are off-topic,
                        not hallucinations, and are not checked for truth.
+      honesty          1 - hallucination_rate when the essay makes a claim; NO_CLAIM_HONESTY (1/2) when it makes
+                       none (not a reported sub-score: it is the hallucination term's factor in the score).
       coverage         asked facts stated correctly / asked facts. Asked: grounded, the sheet's facts (the
                        sheet is the truth, even where it differs from the fact base); closed-book, every
                        attribute of K with its fact-base value (all ATTRIBUTES_PER_KIND of them).
@@ -115,7 +131,7 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     The gold score, in [0, 1]:
 
       score = W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
-              + fluency * (W_HALLUCINATION * (1 - hallucination_rate) + W_REPETITION * (1 - repetition_rate)
+              + fluency * (W_HALLUCINATION * honesty + W_REPETITION * (1 - repetition_rate)
                            + W_RELEVANCE * relevance + W_LENGTH * length)
 
     The weights sum to 1, so an essay that states every asked fact correctly, claims nothing else,
@@ -123,20 +139,36 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     scores exactly 1.0. The terms that reward the *absence* of a flaw are scaled by fluency, so text
     that does not parse (empty, garbage) scores 0 instead of collecting credit for flaws it cannot have.
     Each flaw moves only its own sub-score; the total moves with it. Closed-book honesty: adding a
-    wrong claim to k correct ones costs W_HALLUCINATION / (k + 1) and gains nothing, so an essay that
-    claims less beats one that invents.
+    wrong claim to k >= 1 correct ones costs W_HALLUCINATION / (k + 1) and gains nothing, and to none costs
+    W_HALLUCINATION * NO_CLAIM_HONESTY (more than the length and repetition terms can give back), so an essay
+    that claims less beats one that invents.
+
+    No free credit: an essay that states nothing about its topic scores at most
+    W_STRUCTURE + W_FLUENCY + W_HALLUCINATION * NO_CLAIM_HONESTY + W_REPETITION + W_RELEVANCE + W_LENGTH = 0.575
+    (below the SFT policy's mean, 0.64 on the default job), and on a grounded prompt less than the same essay with
+    one asked fact stated correctly (+ W_COVERAGE / asked + W_HALLUCINATION * (1 - NO_CLAIM_HONESTY)).
     """
+    return grade_sentences(world, prompt, essay)[0]
+
+
+def grade_sentences(world: World, prompt: Prompt, essay: str) -> tuple[GoldScores, list[tuple[int, int, str, str]]]:
+    """`grade`'s scores of `essay`, and its verdict on each sentence: (start, end, verdict, value) with the sentence's
+    character span in `essay` (after a bytes essay is decoded), one of VERDICTS, and the value a fact sentence
+    states ("" for others). Repeats are judged first; a parsed sentence about another subject, or written for another
+    kind, is off_topic."""
     if isinstance(essay, (bytes, bytearray)):
         essay = bytes(essay).decode("utf-8", errors="replace")
     elif not isinstance(essay, str):
         essay = ""
     topic, kind = prompt.topic, prompt.kind
     asked = dict(prompt.sheet) if prompt.grounded else world.by_name[topic].facts
-    sentences = split_sentences(essay)
+    spans = sentence_spans(essay)
+    sentences = [" ".join(essay[a:b].split()) for a, b in spans]
+    verdicts: list[tuple[str, str]] = []
     n = len(sentences)
     seen: set = set()
     covered: set[str] = set()
-    n_repeated = n_unparsed = n_off = n_claims = n_contra = n_unsup = 0
+    n_repeated = n_unparsed = n_off = n_claims = n_contra = n_unsup = 0  # each sentence adds to at most one
     parses: list[tuple[Template, dict[str, str]] | None] = []
     for s in sentences:
         parsed = world.parse_sentence(s)
@@ -145,32 +177,16 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
         if parsed is not None and parsed[0].role == "fact":
             t, slots = parsed
             keys.append(("fact", slots["name"], t.kind, t.attr, slots["value"]))
-        if any(k in seen for k in keys):
-            n_repeated += 1
-            continue
-        seen.update(keys)
-        if parsed is None:
-            n_unparsed += 1
-            continue
-        t, slots = parsed
-        if slots["name"] != topic or (t.role != "fact" and slots.get("kind", t.kind or kind) != kind) or (
-            "a_kind" in slots and slots["a_kind"] != A_KIND[kind]
-        ):
-            n_off += 1
-            continue
-        if t.role != "fact":
-            continue
-        n_claims += 1
-        value = slots["value"]
-        if t.kind != kind:
-            n_contra += 1
-        elif t.attr in asked:
-            if asked[t.attr] == value:  # type: ignore[index]
-                covered.add(t.attr)  # type: ignore[arg-type]
-            else:
-                n_contra += 1
-        else:
-            n_unsup += 1  # grounded only: closed-book asks every attribute of the kind
+        verdict = _judge(parsed, keys, seen, topic, kind, asked, covered)
+        verdicts.append((verdict, parsed[1].get("value", "") if parsed is not None else ""))
+        if verdict != "repeated":  # the counts below are over distinct sentences
+            seen.update(keys)
+        n_repeated += verdict == "repeated"
+        n_unparsed += verdict == "unparsed"
+        n_off += verdict == "off_topic"
+        n_contra += verdict == "contradicting"
+        n_unsup += verdict == "unsupported"
+        n_claims += verdict in ("correct", "contradicting", "unsupported")
     n_distinct = n - n_repeated
     first, last = (parses[0], parses[-1]) if parses else (None, None)
     has_intro = int(
@@ -186,6 +202,7 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     coverage = len(covered) / n_asked
     n_hall = n_contra + n_unsup
     hall = n_hall / n_claims if n_claims else 0.0
+    honesty = 1.0 - hall if n_claims else NO_CLAIM_HONESTY
     repetition = n_repeated / n if n else 0.0
     fluency = (n_distinct - n_unparsed) / n_distinct if n_distinct else 0.0
     relevance = 1.0 - n_off / n_distinct if n_distinct else 0.0
@@ -193,10 +210,10 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     length = length_score(n_words)
     score = (
         W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
-        + fluency * (W_HALLUCINATION * (1.0 - hall) + W_REPETITION * (1.0 - repetition)
+        + fluency * (W_HALLUCINATION * honesty + W_REPETITION * (1.0 - repetition)
                      + W_RELEVANCE * relevance + W_LENGTH * length)
     )
-    return GoldScores(
+    scores = GoldScores(
         score=min(1.0, max(0.0, round(score, 12))),
         coverage=coverage,
         hallucination_rate=hall,
@@ -221,3 +238,43 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
         has_intro=has_intro,
         has_conclusion=has_conclusion,
     )
+    return scores, [(a, b, v, value) for (a, b), (v, value) in zip(spans, verdicts)]
+
+
+def credit_spans(essay: str, judged: list[tuple[int, int, str, str]], where: str) -> list[tuple[int, int, float]]:
+    """The spans of `essay` that earn a credit (SENTENCE_CREDIT of their verdict), from `grade_sentences`' verdicts.
+    where="sentence": the whole sentence; where="value": a claim about an asked attribute (correct or contradicting)
+    credits only its stated value, the one decision that made it right or wrong; every other verdict its sentence."""
+    out = []
+    for a, b, verdict, value in judged:
+        if where == "value" and verdict in ("correct", "contradicting") and value:
+            i = essay.rfind(value, a, b)
+            if i >= 0:
+                a, b = i, i + len(value)
+        if SENTENCE_CREDIT[verdict]:
+            out.append((a, b, SENTENCE_CREDIT[verdict]))
+    return out
+
+
+def _judge(parsed: tuple[Template, dict[str, str]] | None, keys: list, seen: set, topic: str, kind: str, asked: dict,
+           covered: set[str]) -> str:
+    """One sentence's verdict (see `grade`); a correct claim adds its attribute to `covered`."""
+    if any(k in seen for k in keys):
+        return "repeated"
+    if parsed is None:
+        return "unparsed"
+    t, slots = parsed
+    if slots["name"] != topic or (t.role != "fact" and slots.get("kind", t.kind or kind) != kind) or (
+        "a_kind" in slots and slots["a_kind"] != A_KIND[kind]
+    ):
+        return "off_topic"
+    if t.role != "fact":
+        return "other"
+    if t.kind != kind:
+        return "contradicting"
+    if t.attr not in asked:
+        return "unsupported"  # grounded only: closed-book asks every attribute of the kind
+    if asked[t.attr] != slots["value"]:  # type: ignore[index]
+        return "contradicting"
+    covered.add(t.attr)  # type: ignore[arg-type]
+    return "correct"

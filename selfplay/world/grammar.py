@@ -276,9 +276,23 @@ ELABORATIONS = {k: tuple(t for t in TEMPLATES if t.role == "elab" and t.kind == 
 _SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
 
+def sentence_spans(essay: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets in `essay` of its sentences: a sentence ends with '.' followed by whitespace
+    (or the end); blank pieces are dropped."""
+    lo, hi = len(essay) - len(essay.lstrip()), len(essay.rstrip())
+    if hi <= lo:
+        return []
+    spans, start = [], lo
+    for m in _SENTENCE_END.finditer(essay, lo, hi):
+        spans.append((start, m.start()))
+        start = m.end()
+    spans.append((start, hi))
+    return [(a, b) for a, b in spans if essay[a:b].strip()]
+
+
 def split_sentences(essay: str) -> list[str]:
-    """Sentences end with '.' followed by whitespace (or the end); runs of whitespace collapse to one space."""
-    return [" ".join(s.split()) for s in _SENTENCE_END.split(essay.strip()) if s.strip()]
+    """The sentences of `sentence_spans`, runs of whitespace collapsed to one space."""
+    return [" ".join(essay[a:b].split()) for a, b in sentence_spans(essay)]
 
 
 def parse_sentence(

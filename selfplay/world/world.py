@@ -343,6 +343,10 @@ class World:
         """
         return grader.grade(self, self._as_prompt(prompt), essay)
 
+    def grade_sentences(self, prompt: str | Prompt, essay: str) -> tuple[GoldScores, list[tuple[int, int, str, str]]]:
+        """`grade`, and the verdict on each sentence with its character span (`selfplay.world.grader.grade_sentences`)."""
+        return grader.grade_sentences(self, self._as_prompt(prompt), essay)
+
     def grade_batch(self, prompts: Sequence[str | Prompt], essays: Sequence[str]) -> list[GoldScores]:
         if len(prompts) != len(essays):
             raise ValueError(f"grade_batch got {len(prompts)} prompts but {len(essays)} essays")
