@@ -277,7 +277,7 @@ def make_update_step(
     surrogate), loss/value (0 without ppo), loss/ptx (the human examples' mean token NLL; 0 without them), kl,
     entropy, clip_ratio/{low,high,region}, policy/approx_kl, grad_norm (before clipping), update_norm, lr (of the last optimiser update), skipped_nonfinite (int32,
     updates skipped in this step: a NaN/Inf gradient, or a finite one whose update or new state is not finite), kl_coef (the beta this step used), advantages/{mean,std}
-    (over completion tokens); with ppo also value/clip_frac and value/skipped_nonfinite; with a plain sampler
+    (over completion tokens); with token credits token_credit/mean (their raw mean over completion tokens); with ppo also value/clip_frac and value/skipped_nonfinite; with a plain sampler
     policy/sampling_logprob_gap (mean |sampling - pi_old log-prob| on completion tokens: should be ~0 when the
     sampler and the teacher-forced pass agree).
     """
@@ -431,6 +431,8 @@ def make_update_step(
         adv_mean = algorithms.masked_mean(adv.advantages_bt, mask_bt)
         metrics["advantages/mean"] = adv_mean
         metrics["advantages/std"] = jnp.sqrt(algorithms.masked_mean(jnp.square(adv.advantages_bt - adv_mean), mask_bt))
+        if batch.token_credits_bl is not None:  # before centring: what the credit source said of this batch
+            metrics["token_credit/mean"] = algorithms.masked_mean(batch.token_credits_bl[:, p:].astype(jnp.float32), mask_bt)
         if report_gap and not single_pass:
             gap_bt = jnp.abs(rollout.logprobs_bl[:, p:] - old_logprobs_bt)
             metrics["policy/sampling_logprob_gap"] = algorithms.masked_mean(gap_bt, mask_bt)

@@ -92,7 +92,7 @@ def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
 
 def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
     """run.token_credit=gold_value (the gold reward's dense credit): a run resumed after round 1 equals the straight
-    one in every logged figure and every leaf, and the credits change the update against the plain gold reward."""
+    one in every logged figure and every leaf, and the credits reach the update (token_credit/mean)."""
     quiet = Console(quiet=True)
     gold = ["run.reward_source=gold", "run.checkpoint_every=1"]
     runs = {}
@@ -105,12 +105,14 @@ def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
     assert [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b):
         assert _reproducible(ra) == _reproducible(rb)
-    (fa, ma), (fb, mb), (fc, _) = (_final_flat(runs[n]) for n in ("straight", "split", "plain"))
+    (fa, ma), (fb, mb) = (_final_flat(runs[n]) for n in ("straight", "split"))
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
     assert ma == mb
-    assert a[0]["advantages/mean"] != _rows(runs["plain"])[0]["advantages/mean"]
-    assert any(not np.array_equal(np.asarray(fa[k]), np.asarray(fc[k])) for k in fa if "learner" in k)
+    # The tiny policy writes text that does not parse: its tokens are credited -1 (centred, that moves nothing; the
+    # credits' effect on the update is tests/test_learner.py's).
+    assert all(-1.0 <= r["token_credit/mean"] < -0.5 for r in a), [r["token_credit/mean"] for r in a]
+    assert all("token_credit/mean" not in r for r in _rows(runs["plain"]))
 
 
 def test_extending_a_run_equals_a_run_of_the_new_length_from_the_start(prepared, tmp_path):
