@@ -327,9 +327,18 @@ class Generator:
 def decode_completions(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[str]:
     """Each row's completion as text: the columns after `prompt_width` that the mask keeps, EOS ids dropped. Host
     arrays only (no device access), so it may run on another thread while the device works."""
-    tokens, mask = tokens_bl[:, prompt_width:], mask_bl[:, prompt_width:] > 0
+    return [tok.decode(ids) for _, ids in _completion_ids(tok, tokens_bl, mask_bl, prompt_width)]
+
+
+def _completion_ids(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_width: int) -> list[tuple[list[int], list[int]]]:
+    """Each row's (columns, ids) of the completion tokens that reach the text: after `prompt_width`, kept by the mask,
+    not an EOS id."""
     eos = set(tok.eos_ids)
-    return [tok.decode([int(t) for t, m in zip(row, mrow) if m and t not in eos]) for row, mrow in zip(tokens, mask)]
+    out = []
+    for row, mrow in zip(tokens_bl, mask_bl):
+        cols = [c for c in range(prompt_width, len(row)) if mrow[c] > 0 and int(row[c]) not in eos]
+        out.append((cols, [int(row[c]) for c in cols]))
+    return out
 
 
 def token_char_ends(tok: Any, ids: Sequence[int]) -> list[int]:
@@ -351,10 +360,8 @@ def token_credits(tok: Any, tokens_bl: np.ndarray, mask_bl: np.ndarray, prompt_w
     decoded completion (`decode_completions`) that holds the token's last character; 0 elsewhere (prompt, padding,
     EOS, text between spans). Host arrays only."""
     out = np.zeros(tokens_bl.shape, np.float32)
-    eos = set(tok.eos_ids)
-    for b, row_spans in enumerate(spans):
-        cols = [c for c in range(prompt_width, tokens_bl.shape[1]) if mask_bl[b, c] > 0 and int(tokens_bl[b, c]) not in eos]
-        ends = token_char_ends(tok, [int(tokens_bl[b, c]) for c in cols])
+    for b, (row_spans, (cols, ids)) in enumerate(zip(spans, _completion_ids(tok, tokens_bl, mask_bl, prompt_width))):
+        ends = token_char_ends(tok, ids)
         starts = [0, *ends[:-1]]
         for c, s, e in zip(cols, starts, ends):
             if e > s:

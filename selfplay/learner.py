@@ -372,10 +372,11 @@ def make_update_step(
             group_size=group_size,
             kl_coef=kl_coef,
         )
+        credits_bt = None
         if batch.token_credits_bl is not None:  # dense credit (Fine-Grained RLHF), on top of the sequence's advantage
             chex.assert_shape(batch.token_credits_bl, (b, l))
-            adv = adv._replace(advantages_bt=adv.advantages_bt + cfg.token_credit_coef * _centred_credits(
-                stop(batch.token_credits_bl[:, p:]).astype(jnp.float32), mask_bt))
+            credits_bt = stop(batch.token_credits_bl[:, p:]).astype(jnp.float32)
+            adv = adv._replace(advantages_bt=adv.advantages_bt + cfg.token_credit_coef * _centred_credits(credits_bt, mask_bt))
         sampling_bt = rollout.logprobs_bl[:, p:] if single_pass and report_gap else None
         rows = _Rows(
             tokens_bl, positions_bl, valid_bl, mask_bt, old_logprobs_bt, ref_logprobs_bt,
@@ -431,8 +432,8 @@ def make_update_step(
         adv_mean = algorithms.masked_mean(adv.advantages_bt, mask_bt)
         metrics["advantages/mean"] = adv_mean
         metrics["advantages/std"] = jnp.sqrt(algorithms.masked_mean(jnp.square(adv.advantages_bt - adv_mean), mask_bt))
-        if batch.token_credits_bl is not None:  # before centring: what the credit source said of this batch
-            metrics["token_credit/mean"] = algorithms.masked_mean(batch.token_credits_bl[:, p:].astype(jnp.float32), mask_bt)
+        if credits_bt is not None:  # before centring: what the credit source said of this batch
+            metrics["token_credit/mean"] = algorithms.masked_mean(credits_bt, mask_bt)
         if report_gap and not single_pass:
             gap_bt = jnp.abs(rollout.logprobs_bl[:, p:] - old_logprobs_bt)
             metrics["policy/sampling_logprob_gap"] = algorithms.masked_mean(gap_bt, mask_bt)
