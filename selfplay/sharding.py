@@ -302,14 +302,18 @@ def shard_update_step(update_step: Callable, state_shardings: Any, batch_shardin
     )
 
 
-def shard_critic_step(train_step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *, members: int, rows: int) -> Callable:
+def shard_critic_step(
+    train_step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *, members: int, rows: int, labels: bool = False
+) -> Callable:
     """`critic.make_train_step`'s step pinned to the mesh: the state keeps `state_shardings`, each member's rows
-    (tokens_knl [members, rows, l], len_kn [members, rows]) are split over the batch axes, the members by the
-    `ensemble` rule (default: not split; `[ensemble, data]` trains members on separate devices)."""
+    (tokens_knl [members, rows, l], len_kn [members, rows], and with `labels` the token heads' `TokenLabels`, each
+    like tokens_knl) are split over the batch axes, the members by the `ensemble` rule (default: not split;
+    `[ensemble, data]` trains members on separate devices)."""
     tok = logical_sharding((members, rows, 1), ("ensemble", BATCH, None), mesh, rules)
     lens = logical_sharding((members, rows), ("ensemble", BATCH), mesh, rules)
     rep = replicated(mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, tok, lens), out_shardings=(state_shardings, rep), donate_argnums=0)
+    in_sh = (state_shardings, tok, lens, tok) if labels else (state_shardings, tok, lens)
+    return jax.jit(train_step, in_shardings=in_sh, out_shardings=(state_shardings, rep), donate_argnums=0)
 
 
 def shard_sampler(sampler: Callable, mesh: Mesh, rules: Rules) -> Callable:
@@ -398,11 +402,15 @@ class Layout:
         tok = logical_sharding((members, rows, 1), ("ensemble", BATCH, None), self.mesh, self.rules)
         lens = logical_sharding((members, rows), ("ensemble", BATCH), self.mesh, self.rules)
         train = shard_critic_step(fns.train_step, state_sh, self.mesh, self.rules, members=members, rows=rows)
+        train_labelled = shard_critic_step(fns.train_step, state_sh, self.mesh, self.rules, members=members, rows=rows, labels=True)
         scores: dict[tuple, Callable] = {}
         tokens: dict[tuple, Callable] = {}
 
-        def train_step(state: Any, tokens_knl: Any, len_kn: Any) -> tuple[Any, dict]:
-            return train(*place((state, tokens_knl, len_kn), (state_sh, tok, lens)))
+        def train_step(state: Any, tokens_knl: Any, len_kn: Any, labels: Any = None) -> tuple[Any, dict]:
+            if labels is None:
+                return train(*place((state, tokens_knl, len_kn), (state_sh, tok, lens)))
+            label_sh = jax.tree.map(lambda _: tok, labels)
+            return train_labelled(*place((state, tokens_knl, len_kn, labels), (state_sh, tok, lens, label_sh)))
 
         def score(state: Any, rollout: Any, prompt_width: int) -> Scores:
             key = (rollout.tokens_bl.shape, prompt_width)

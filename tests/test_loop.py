@@ -115,6 +115,38 @@ def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
     assert all("token_credit/mean" not in r for r in _rows(runs["plain"]))
 
 
+def test_self_made_pairs_and_token_heads_train_are_counted_apart_and_resume_exactly(prepared, tmp_path):
+    """critic.synthetic_per_label with critic.token_heads: the initial critic and each refresh add tampered copies of
+    their essays to the pool, counted apart (critic/synthetic_pairs), and the token heads train on their labels; a
+    run resumed after the first refresh equals the straight one, pool and token heads included."""
+    quiet = Console(quiet=True)
+    syn = ["critic.synthetic_per_label=2", "critic.tamper_ops=[swap_value,duplicate,drop_last,splice]", "run.checkpoint_every=2",
+           "critic.token_heads=true"]
+    base = _copy(prepared, tmp_path, "base")
+    shutil.rmtree(base / "critic")  # this critic has token heads: trained here, with the self-made pairs
+    assert main(["critic", "train", "--run-dir", str(base), "--no-progress", *syn]) == 0
+    report = json.loads((base / "critic_report.json").read_text())
+    assert report["synthetic_pairs"] > 0 and set(report["heldout_accuracy_by_kind"]) > {"label"}
+    assert np.isfinite(report["history"][-1]["flag_loss"]) and np.isfinite(report["history"][-1]["cover_loss"])
+    straight, split = _copy(base, tmp_path, "straight"), _copy(base, tmp_path, "split")
+    train(straight, None, [*syn, "run.rounds=4"], progress=False, console=quiet)
+    train(split, None, [*syn, "run.rounds=2"], progress=False, console=quiet)
+    train(split, None, [*syn, "run.rounds=4"], progress=False, console=quiet)
+    a, b = _rows(straight), _rows(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert _reproducible(ra) == _reproducible(rb)
+    made = [report["synthetic_pairs"], a[1]["critic/new_synthetic_pairs"], a[3]["critic/new_synthetic_pairs"]]
+    assert made[1] > 0 and a[3]["critic/synthetic_pairs"] == sum(made)
+    assert a[3]["critic/pool_size"] == a[3]["critic/synthetic_pairs"] + a[3]["critic/labels_used"]
+    (fa, ma), (fb, mb) = (_final_flat(r) for r in (straight, split))
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    assert ma == mb
+    kinds = [row.get("kind", "label") for row in ma["critic"]["pool"]]
+    assert kinds.count("label") == a[3]["critic/labels_used"] and len(kinds) == a[3]["critic/pool_size"]
+
+
 def test_extending_a_run_equals_a_run_of_the_new_length_from_the_start(prepared, tmp_path):
     """run.rounds may grow on resume when nothing already computed depends on it: the initial critic (trained here, in
     the run, from critic.initial_labels) and the refreshes' labels are those of a run that was that long from the

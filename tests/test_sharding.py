@@ -170,6 +170,29 @@ def test_sharded_critic_train_step_equals_single_device(shape):
     jax.tree.map(lambda x, s: assert_sharded_as(x, s), new_state, state_sh)
 
 
+def test_sharded_critic_with_token_heads_trains_like_single_device():
+    """critic.token_heads: the token labels travel with the rows (split like them) and the step matches one device."""
+    critic = critic_module()
+    cfg = dataclasses.replace(CRITIC, token_heads=True)
+    _, tokens_knl, len_kn, _ = critic_case()
+    sep = 5
+    tokens_knl = tokens_knl.copy()
+    tokens_knl[..., 3] = sep  # the essay starts at column 4
+    rng = np.random.default_rng(3)
+    labels = critic.TokenLabels(*(rng.integers(0, 2, tokens_knl.shape).astype(np.float32) for _ in range(4)))
+    graphdef = critic.reward_graphdef(cfg.model, token_heads=True)
+    want_state, want_metrics = jax.device_get(critic.make_train_step(graphdef, cfg, sep)(critic.init_state(cfg, 0), tokens_knl, len_kn, labels))
+    assert want_metrics["flag_loss"].shape == (cfg.ensemble_size,) and np.all(want_metrics["flag_loss"] > 0)
+    mesh = mesh_of((2, 2, 2))
+    state = sharding.init_sharded(lambda: critic.init_state(cfg, 0), mesh=mesh, rules=RULES)
+    state_sh = sharding.param_shardings(state, mesh, RULES)
+    k, n, _ = tokens_knl.shape
+    step = sharding.shard_critic_step(critic.make_train_step(graphdef, cfg, sep), state_sh, mesh, RULES, members=k, rows=n, labels=True)
+    new_state, metrics = step(state, tokens_knl, len_kn, labels)
+    close(new_state.params, want_state.params)
+    close(metrics, want_metrics)
+
+
 def test_params_and_optimizer_moments_are_born_sharded_by_their_logical_axes():
     mesh = mesh_of((2, 2, 2))
     graphdef, params = sharding.init_params(CFG, 0, mesh, RULES)

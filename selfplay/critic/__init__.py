@@ -2,7 +2,8 @@
 on a pool of preference pairs from a label source; saved and loaded as a directory.
 
   model.py   the reward model, its state and normaliser, the loss, how members combine, the compiled functions
-  pairs.py   Pair, encoding and padding, the PairPool, TRL preference files
+  pairs.py   Pair, encoding and padding, the PairPool (labelled and self-made pairs, by kind), TRL preference files
+  tamper.py  self-made negatives: tampering operators on text and the synthetic pairs they make
   labels.py  new pairs in the world: the labeller's pairs of policy samples, or human-vs-policy (discriminator)
   critic.py  the Critic handle: train, score, pair accuracy, calibrate, refresh
   store.py   save / load / metadata (the one place)
@@ -10,6 +11,8 @@ on a pool of preference pairs from a label source; saved and loaded as a directo
 
 from selfplay.critic.critic import (
     Critic,
+    accuracy_by_kind,
+    add_synthetic,
     calibrate_normalizer,
     critic_from_state,
     init_critic,
@@ -27,6 +30,7 @@ from selfplay.critic.model import (
     CriticState,
     Normalizer,
     RewardModel,
+    TokenLabels,
     abstract_state,
     bradley_terry_loss,
     combine_members,
@@ -34,13 +38,14 @@ from selfplay.critic.model import (
     init_state,
     make_critic_fns,
     make_optimizer,
+    make_train_step,
     normalize,
     raw_rewards,
     reward_graphdef,
     trace_counts,
     update_normalizer,
 )
-from selfplay.critic.pairs import Pair, PairPool, encode_text, pad_to_bucket, read_preference_file
+from selfplay.critic.pairs import LABELLED, Pair, PairPool, encode_text, pad_to_bucket, read_preference_file
 from selfplay.critic.store import (
     CRITIC_DIR,
     PAIRS_FILE,
@@ -55,12 +60,12 @@ from selfplay.critic.store import (
 from selfplay.monitors import rankdata, spearman
 
 __all__ = [
-    "CRITIC_DIR", "ENSEMBLE_AXIS", "PAIRS_FILE", "Critic", "CriticFns", "CriticState", "Normalizer", "Pair", "PairPool",
-    "PairSource", "RewardModel", "SampleFn", "abstract_state", "bradley_terry_loss", "calibrate_normalizer",
-    "collect_pairs", "collection_rngs", "combine_members", "critic_from_state", "critic_meta", "encode_text",
-    "generator_sample_fn", "has_critic", "host_meta", "init_critic", "init_normalizer", "init_state",
-    "initial_label_count", "load_critic", "make_critic_fns", "make_optimizer", "normalize", "pad_to_bucket",
-    "pair_accuracy", "rankdata", "raw_rewards", "read_preference_file", "refresh", "restore_host", "reward_graphdef",
-    "save_critic", "save_replacing", "score_rollout", "score_texts", "spearman", "trace_counts", "train",
-    "update_normalizer",
+    "CRITIC_DIR", "Critic", "CriticFns", "CriticState", "ENSEMBLE_AXIS", "LABELLED", "Normalizer", "PAIRS_FILE",
+    "Pair", "PairPool", "PairSource", "RewardModel", "SampleFn", "TokenLabels", "abstract_state", "accuracy_by_kind",
+    "add_synthetic", "bradley_terry_loss", "calibrate_normalizer", "collect_pairs", "collection_rngs",
+    "combine_members", "critic_from_state", "critic_meta", "encode_text", "generator_sample_fn", "has_critic",
+    "host_meta", "init_critic", "init_normalizer", "init_state", "initial_label_count", "load_critic",
+    "make_critic_fns", "make_optimizer", "make_train_step", "normalize", "pad_to_bucket", "pair_accuracy", "rankdata",
+    "raw_rewards", "read_preference_file", "refresh", "restore_host", "reward_graphdef", "save_critic",
+    "save_replacing", "score_rollout", "score_texts", "spearman", "trace_counts", "train", "update_normalizer",
 ]

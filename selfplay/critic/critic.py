@@ -28,13 +28,16 @@ from selfplay.critic.model import (
     CriticFns,
     CriticState,
     Normalizer,
+    TokenLabels,
     combine_members,
     init_state,
     make_critic_fns,
     raw_rewards,
     reward_graphdef,
 )
-from selfplay.critic.pairs import PairPool, pad_to_bucket
+from selfplay.critic.pairs import LABELLED, Pair, PairPool, pad_to_bucket
+from selfplay.critic.tamper import phrasing_words, synthetic_pairs
+from selfplay.critic.tokens import RowLabels, pad_labels, pair_labels
 from selfplay.data import fixed_chunks
 from selfplay.tokenizer import Tokenizer
 from selfplay.tracking import ProgressBar
@@ -57,6 +60,9 @@ class Critic:
     labeller: Labeller | None = None
     refreshes: int = 0
     layout: sharding.Layout | None = None
+    # The token heads' labels of pool pairs, by index, and the phrasing they were made with (see `_token_labels`).
+    label_cache: dict[int, tuple[RowLabels, RowLabels]] = dataclasses.field(default_factory=dict)
+    label_phrasing: frozenset[str] = frozenset()
 
     @property
     def ccfg(self) -> CriticConfig:
@@ -98,12 +104,12 @@ def critic_from_state(
         raise ConfigError(
             f"critic.model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
-    graphdef = reward_graphdef(c.model)
+    graphdef = reward_graphdef(c.model, c.token_heads)
     labeller = None
     if world is not None and c.label_source == "world":
         labeller = Labeller(world, c.label_budget, c.label_noise, seed=cfg.run.seed)
     pool = PairPool(tokenizer, c.seq_buckets[-1], c.heldout_fraction, cfg.run.seed)
-    fns = make_critic_fns(graphdef, c)
+    fns = make_critic_fns(graphdef, c, tokenizer.sep_id)
     if layout is not None:
         state = layout.place_state(state)
         fns = layout.critic_fns(fns, state, members=c.ensemble_size, rows=2 * c.batch_size)
@@ -158,6 +164,18 @@ def _with_replacement(base: np.ndarray, rng: np.random.Generator, b: int) -> Any
         yield base[rng.integers(0, len(base), b)]
 
 
+def _token_labels(critic: Critic, idx: Sequence[int], width: int, phrasing: frozenset[str]) -> tuple[np.ndarray, ...]:
+    """The token heads' labels of pool pairs `idx` as [chosen rows; rejected rows], padded to `width`, made with
+    `phrasing` (`tamper.phrasing_words` of the whole pool's prompts): labels made with another are made again."""
+    if phrasing != critic.label_phrasing:
+        critic.label_cache, critic.label_phrasing = {}, phrasing
+    for j in idx:
+        if j not in critic.label_cache:
+            critic.label_cache[j] = pair_labels(critic.tokenizer, critic.pool.pairs[j], critic.pool.kinds[j], critic.pool.max_len, phrasing)
+    rows = [critic.label_cache[j][0] for j in idx] + [critic.label_cache[j][1] for j in idx]
+    return pad_labels(rows, width)
+
+
 def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "critic", console: Console | None = None) -> list[dict]:
     """`steps` training steps of every member on the pool's training pairs; returns a history of member-mean metrics
     (every 10 steps and the last). Raises UserError on a non-finite loss."""
@@ -169,6 +187,7 @@ def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "cr
         raise UserError("the critic has no training pairs (all labelled pairs are held out or none were labelled)")
     streams = _member_streams(critic, train_idx)
     pad_id = critic.tokenizer.pad_id
+    phrasing = phrasing_words([p.prompt for p in critic.pool.pairs]) if c.token_heads else frozenset()
     history: list[dict] = []
     with ProgressBar(desc, steps, enabled=progress, console=console) as bar:
         for i in range(1, steps + 1):
@@ -179,7 +198,12 @@ def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "cr
             k, b = c.ensemble_size, c.batch_size
             tokens_knl = tokens.reshape(2, k, b, -1).transpose(1, 0, 2, 3).reshape(k, 2 * b, -1)
             len_kn = lens.reshape(2, k, b).transpose(1, 0, 2).reshape(k, 2 * b)
-            critic.state, metrics = critic.fns.train_step(critic.state, tokens_knl, len_kn)
+            labels = None
+            if c.token_heads:
+                flat = [j for idx in idx_kb for j in idx]
+                labels = TokenLabels(*(a.reshape(2, k, b, -1).transpose(1, 0, 2, 3).reshape(k, 2 * b, -1)
+                                       for a in _token_labels(critic, flat, tokens.shape[1], phrasing)))
+            critic.state, metrics = critic.fns.train_step(critic.state, tokens_knl, len_kn, labels)
             status = None
             if i % 10 == 0 or i == steps:
                 row = {"step": int(critic.state.step), **{n: float(np.mean(v)) for n, v in metrics.items()}}
@@ -187,6 +211,8 @@ def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "cr
                     raise UserError(f"critic training diverged at step {row['step']} (loss {row['loss']}); lower critic.lr")
                 history.append(row)
                 status = f"loss {row['loss']:.3f}  acc {row['accuracy']:.2f}"
+                if c.token_heads:
+                    status += f"  flag {row['flag_loss']:.3f}  cover {row['cover_loss']:.3f}"
             bar.update(1, status)
     return history
 
@@ -246,6 +272,30 @@ def calibrate_normalizer(critic: Critic, max_pairs: int = 512) -> None:
         critic.state = critic.layout.place_state(critic.state)
 
 
+def add_synthetic(critic: Critic, pairs: Sequence[Pair], tag: int) -> int:
+    """Add round(critic.synthetic_per_label * len(pairs)) self-made pairs to the pool, tampered (critic.tamper_ops)
+    from the essays of `pairs` (both sides), by a generator seeded by run.seed and the collection's `tag` -- so a
+    resumed run makes the same ones. Returns how many were added."""
+    c = critic.ccfg
+    n = int(round(c.synthetic_per_label * len(pairs)))
+    if n == 0:
+        return 0
+    texts = [(p.prompt, e) for p in pairs for e in (p.chosen, p.rejected)]
+    made, kinds = synthetic_pairs(texts, n, c.tamper_ops, np.random.default_rng([critic.seed, 0x7A3F, tag]))
+    critic.pool.add(made, kinds=kinds)
+    return len(made)
+
+
+def accuracy_by_kind(critic: Critic, heldout: bool = True) -> dict[str, float]:
+    """Pair accuracy of the held-out (or training) pairs of each kind in the pool (LABELLED and each operator)."""
+    out = {}
+    for kind in dict.fromkeys(critic.pool.kinds):
+        idx = critic.pool.indices(heldout, kind)
+        if len(idx):
+            out[kind] = pair_accuracy(critic, idx)["accuracy"]
+    return out
+
+
 def refresh(
     critic: Critic,
     policy_params: Any,
@@ -256,8 +306,9 @@ def refresh(
     progress: bool = False,
 ) -> dict[str, float]:
     """Co-evolve the critic with the policy: sample from the CURRENT `policy_params`, label up to `budget`
-    (default critic.refresh_budget; never more than the labeller has left) new pairs, add them to the pool (which
-    keeps every earlier pair), train `steps` (default critic.refresh_steps) steps, re-calibrate the normaliser.
+    (default critic.refresh_budget; never more than the labeller has left) new pairs, add them and their self-made
+    pairs (`add_synthetic`) to the pool (which keeps every earlier pair), train `steps` (default
+    critic.refresh_steps) steps, re-calibrate the normaliser.
 
     Returns metrics named for the tracker (loss/critic, critic/*)."""
     c = critic.ccfg
@@ -272,10 +323,13 @@ def refresh(
     pairs, stats = collect_pairs(source, critic.labeller, policy_params, budget, rng, key)
     critic.refreshes = tag
     critic.pool.add(pairs)
+    synthetic = add_synthetic(critic, pairs, tag)
     history = train(critic, steps, progress=progress, desc="critic refresh") if len(critic.pool.indices(False)) else []
     calibrate_normalizer(critic)
     out = {
         "critic/new_pairs": float(len(pairs)),
+        "critic/new_synthetic_pairs": float(synthetic),
+        "critic/synthetic_pairs": float(len(critic.pool) - critic.pool.count(LABELLED)),
         "critic/labels": float(stats["labels"]),
         "critic/skipped_identical": float(stats["skipped_identical"]),
         "critic/pool_size": float(len(critic.pool)),

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from selfplay.config import TamperKind
 from selfplay.data import DataError, read_jsonl
 from selfplay.tokenizer import Tokenizer
 
 POOL_ROW = {"prompt": str, "chosen": str, "rejected": str, "heldout": bool}
+POOL_ROW_OPTIONAL = {"kind": str}  # absent: LABELLED (pools saved before self-made negatives)
+LABELLED = "label"  # the kind of a pair from a label source; a self-made one is named by its tampering operator
+POOL_KINDS = (LABELLED, *typing.get_args(TamperKind))
+
+
+def check_pool_row(row: dict) -> str | None:
+    """Why a stored pool row is bad (None: it is good): an unknown kind."""
+    kind = row.get("kind", LABELLED)
+    return None if kind in POOL_KINDS else f"unknown pair kind {kind!r}; known: {', '.join(POOL_KINDS)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +61,8 @@ def encode_text(tokenizer: Tokenizer, prompt: str, essay: str, max_len: int) -> 
 
 
 class PairPool:
-    """Every pair labelled so far (pools only grow), each marked train or held out, with its token ids cached.
+    """Every pair labelled or made so far (pools only grow), each marked train or held out and with its kind
+    (LABELLED, or the tampering operator that made it), with its token ids cached.
 
     Held-out pairs are drawn by a seeded generator as pairs arrive: round(heldout_fraction * n) of each added group.
     """
@@ -62,6 +74,7 @@ class PairPool:
         self.seed = seed
         self.pairs: list[Pair] = []
         self.heldout: list[bool] = []
+        self.kinds: list[str] = []
         self.ids: list[tuple[np.ndarray, np.ndarray]] = []
         self.truncated = 0
 
@@ -71,30 +84,48 @@ class PairPool:
     def encode(self, prompt: str, essay: str) -> np.ndarray:
         return encode_text(self.tokenizer, prompt, essay, self.max_len)
 
-    def add(self, pairs: Sequence[Pair], heldout: Sequence[bool] | None = None) -> None:
+    def add(self, pairs: Sequence[Pair], heldout: Sequence[bool] | None = None, kinds: Sequence[str] | None = None) -> None:
+        kinds = [LABELLED] * len(pairs) if kinds is None else list(kinds)
+        if len(kinds) != len(pairs):
+            raise ValueError(f"{len(pairs)} pairs but {len(kinds)} kinds")
         if heldout is None:
             rng = np.random.default_rng([self.seed, 0x4E1D, len(self.pairs)])
             n_held = int(round(self.heldout_fraction * len(pairs)))
             mask = np.zeros(len(pairs), bool)
             mask[rng.permutation(len(pairs))[:n_held]] = True
             heldout = mask.tolist()
-        for p, h in zip(pairs, heldout, strict=True):
+        for p, h, k in zip(pairs, heldout, kinds, strict=True):
             self.pairs.append(p)
             self.heldout.append(bool(h))
+            self.kinds.append(k)
             full = [self.tokenizer.encode_example(p.prompt, essay)[0] for essay in (p.chosen, p.rejected)]
             self.truncated += sum(len(f) > self.max_len for f in full)
             self.ids.append((np.asarray(full[0][-self.max_len :], np.int32), np.asarray(full[1][-self.max_len :], np.int32)))
 
-    def indices(self, heldout: bool) -> np.ndarray:
-        return np.array([i for i, h in enumerate(self.heldout) if h == heldout], np.int64)
+    def indices(self, heldout: bool, kind: str | None = None) -> np.ndarray:
+        """Indices of the training (heldout=False) or held-out pairs, of every kind or of one."""
+        return np.array(
+            [i for i, (h, k) in enumerate(zip(self.heldout, self.kinds)) if h == heldout and kind in (None, k)], np.int64
+        )
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for k in self.kinds)
 
     def rows(self) -> list[dict]:
-        """Every pair as a `POOL_ROW` dict, in order: the one form a pool is stored in (pairs.jsonl, run checkpoints)."""
-        return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "heldout": h} for p, h in zip(self.pairs, self.heldout)]
+        """Every pair as a `POOL_ROW` dict (plus "kind" when it is not LABELLED), in order: the one form a pool is
+        stored in (pairs.jsonl, run checkpoints)."""
+        return [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "heldout": h} | ({"kind": k} if k != LABELLED else {})
+            for p, h, k in zip(self.pairs, self.heldout, self.kinds)
+        ]
 
     def add_rows(self, rows: Sequence[dict]) -> None:
-        """Add stored `rows` (from `rows()`), keeping their train / held-out marks."""
-        self.add([Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows], [bool(r["heldout"]) for r in rows])
+        """Add stored `rows` (from `rows()`), keeping their train / held-out marks and kinds."""
+        self.add(
+            [Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows],
+            [bool(r["heldout"]) for r in rows],
+            [r.get("kind", LABELLED) for r in rows],
+        )
 
     def to_jsonl(self) -> str:
         return "".join(json.dumps(r) + "\n" for r in self.rows())

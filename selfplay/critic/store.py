@@ -11,7 +11,7 @@ from selfplay import checkpoint, sharding
 from selfplay.config import Config, to_dict
 from selfplay.critic.critic import Critic, critic_from_state
 from selfplay.critic.model import abstract_state
-from selfplay.critic.pairs import POOL_ROW
+from selfplay.critic.pairs import LABELLED, POOL_ROW, POOL_ROW_OPTIONAL, check_pool_row
 from selfplay.data import read_jsonl
 from selfplay.tokenizer import Tokenizer
 from selfplay.world import World
@@ -34,6 +34,7 @@ def critic_meta(critic: Critic) -> dict:
         "labeller": lab.state_dict() if lab else None,
         "pool_size": len(critic.pool),
         "pool_heldout": int(sum(critic.pool.heldout)),
+        "pool_synthetic": len(critic.pool) - critic.pool.count(LABELLED),
     }
 
 
@@ -120,6 +121,6 @@ def load_critic(
         flat, meta = ckpt.restore(step, checkpoint.flatten_tree(target))
     critic = critic_from_state(cfg, tokenizer, checkpoint.unflatten_like(target, flat), world=world, layout=layout)
     pairs_path = directory / PAIRS_FILE
-    rows = read_jsonl(pairs_path, POOL_ROW) if pairs_path.is_file() and pairs_path.stat().st_size else []
+    rows = read_jsonl(pairs_path, POOL_ROW, POOL_ROW_OPTIONAL, check=check_pool_row) if pairs_path.is_file() and pairs_path.stat().st_size else []
     restore_host(critic, meta, rows)
     return critic

@@ -23,8 +23,11 @@ from selfplay.actor import Generator
 from selfplay.config import Config, ConfigError, UserError, to_dict
 from selfplay.critic import (
     CRITIC_DIR,
+    LABELLED,
     Critic,
     PairSource,
+    accuracy_by_kind,
+    add_synthetic,
     calibrate_normalizer,
     collect_pairs,
     collection_rngs,
@@ -45,6 +48,7 @@ from selfplay.tracking import Tracker, json_safe
 from selfplay.world import World
 
 REPORT_FILE = "critic_report.json"
+GOLD_GAP = 0.05  # the pairs a critic is judged on: gold scores at least this far apart (ties and near-ties say little)
 TB_DIR = "tb/critic"
 
 
@@ -89,6 +93,7 @@ def train_critic(
         if len(pairs) < n:
             log(f"critic: only {len(pairs)} of {n} pairs collected ({stats['skipped_identical']} identical samples skipped)")
     critic.pool.add(pairs)
+    synthetic = add_synthetic(critic, pairs, 0)
     collect_seconds = time.perf_counter() - t0
     if critic.pool.truncated:
         log(f"critic: {critic.pool.truncated} sequence(s) longer than critic.seq_buckets max ({c.seq_buckets[-1]}) keep only their last tokens")
@@ -99,13 +104,16 @@ def train_critic(
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    held_idx = critic.pool.indices(heldout=True)
+    held_idx = critic.pool.indices(heldout=True, kind=LABELLED)
     held = pair_accuracy(critic, held_idx)
+    labelled = critic.pool.count(LABELLED)
     report: dict = {
         "label_source": kind,
-        "pairs": len(critic.pool),
-        "pairs_train": len(critic.pool) - len(held_idx),
+        "pairs": labelled,
+        "pairs_train": labelled - len(held_idx),
         "pairs_heldout": len(held_idx),
+        "synthetic_pairs": synthetic,
+        "tamper_ops": list(c.tamper_ops) if synthetic else [],
         "label_budget": c.label_budget if kind == "world" else None,
         "labels_used": critic.labeller.used if critic.labeller else 0,
         "skipped_identical": stats["skipped_identical"],
@@ -117,7 +125,9 @@ def train_critic(
         "train_accuracy": history[-1]["accuracy"] if history else None,
         "heldout_accuracy": held["accuracy"],
         "heldout_member_accuracy": held["member_accuracy"],
+        "heldout_accuracy_by_kind": accuracy_by_kind(critic) if synthetic else {},
         "heldout_gold_accuracy": None,
+        "heldout_gold_accuracy_clear": None,
         "spearman_gold": None,
     }
     if world is not None:
@@ -137,11 +147,13 @@ def train_critic(
     with Tracker(run_dir / TB_DIR) as tb:
         for row in history:
             tb.scalars(row["step"], {"loss/critic": row["loss"], "critic/train_accuracy": row["accuracy"]})
-        tb.scalars(c.steps, {f"critic/{k}": report[k] for k in ("heldout_accuracy", "heldout_gold_accuracy", "spearman_gold") if report[k] is not None})
+        tb.scalars(c.steps, {f"critic/{k}": report[k] for k in ("heldout_accuracy", "heldout_gold_accuracy", "heldout_gold_accuracy_clear", "spearman_gold") if report[k] is not None})
+        tb.scalars(c.steps, {"critic/synthetic_pairs": synthetic} | {f"critic/heldout_accuracy/{k}": v for k, v in report["heldout_accuracy_by_kind"].items()})
     sp = report["spearman_gold"]
     log(
         f"critic: {report['pairs_train']} train / {report['pairs_heldout']} held-out pairs ({kind}"
         + (f", {report['labels_used']} of {c.label_budget} labels" if kind == "world" else "")
+        + (f"; {synthetic} self-made pairs ({', '.join(c.tamper_ops)})" if synthetic else "")
         + f"), {c.steps} steps x {c.ensemble_size} member(s); held-out accuracy {held['accuracy']:.3f}"
         + (f", Spearman with gold {sp:.3f} on {report['eval_samples']} fresh essays" if sp is not None else "")
         + f"; {report['seconds']['total']:.0f} s; saved to {run_dir / CRITIC_DIR}"
@@ -156,9 +168,13 @@ def _gold_eval(critic: Critic, world: World, gen: Generator, held_idx: np.ndarra
         gold_c = np.array([world.grade(critic.pool.pairs[i].prompt, critic.pool.pairs[i].chosen).score for i in held_idx])
         gold_r = np.array([world.grade(critic.pool.pairs[i].prompt, critic.pool.pairs[i].rejected).score for i in held_idx])
         decided = gold_c != gold_r
+        agree = (held["chosen"] > held["rejected"]) == (gold_c > gold_r)
         if decided.any():
-            agree = (held["chosen"] > held["rejected"]) == (gold_c > gold_r)
             out["heldout_gold_accuracy"] = float(agree[decided].mean())
+        clear = np.abs(gold_c - gold_r) >= GOLD_GAP
+        if clear.any():
+            out["heldout_gold_accuracy_clear"] = float(agree[clear].mean())
+            out["heldout_clear_pairs"] = int(clear.sum())
     n = critic.ccfg.eval_samples
     if n:
         prompts = world.sample_prompts(n, np.random.default_rng([seed, 0x5EA7]))
