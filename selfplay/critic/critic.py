@@ -35,7 +35,7 @@ from selfplay.critic.model import (
     raw_rewards,
     reward_graphdef,
 )
-from selfplay.critic.pairs import LABELLED, Pair, PairPool, pad_to_bucket
+from selfplay.critic.pairs import Pair, PairPool, pad_to_bucket
 from selfplay.critic.tamper import phrasing_words, synthetic_pairs
 from selfplay.critic.tokens import RowLabels, pad_labels, pair_labels
 from selfplay.data import fixed_chunks
@@ -329,7 +329,7 @@ def refresh(
     out = {
         "critic/new_pairs": float(len(pairs)),
         "critic/new_synthetic_pairs": float(synthetic),
-        "critic/synthetic_pairs": float(len(critic.pool) - critic.pool.count(LABELLED)),
+        "critic/synthetic_pairs": float(critic.pool.synthetic),
         "critic/labels": float(stats["labels"]),
         "critic/skipped_identical": float(stats["skipped_identical"]),
         "critic/pool_size": float(len(critic.pool)),

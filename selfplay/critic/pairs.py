@@ -111,6 +111,11 @@ class PairPool:
     def count(self, kind: str) -> int:
         return sum(k == kind for k in self.kinds)
 
+    @property
+    def synthetic(self) -> int:
+        """How many pairs are self-made (of any kind but LABELLED)."""
+        return len(self.pairs) - self.count(LABELLED)
+
     def rows(self) -> list[dict]:
         """Every pair as a `POOL_ROW` dict (plus "kind" when it is not LABELLED), in order: the one form a pool is
         stored in (pairs.jsonl, run checkpoints)."""

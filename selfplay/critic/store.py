@@ -11,7 +11,7 @@ from selfplay import checkpoint, sharding
 from selfplay.config import Config, to_dict
 from selfplay.critic.critic import Critic, critic_from_state
 from selfplay.critic.model import abstract_state
-from selfplay.critic.pairs import LABELLED, POOL_ROW, POOL_ROW_OPTIONAL, check_pool_row
+from selfplay.critic.pairs import POOL_ROW, POOL_ROW_OPTIONAL, check_pool_row
 from selfplay.data import read_jsonl
 from selfplay.tokenizer import Tokenizer
 from selfplay.world import World
@@ -34,7 +34,7 @@ def critic_meta(critic: Critic) -> dict:
         "labeller": lab.state_dict() if lab else None,
         "pool_size": len(critic.pool),
         "pool_heldout": int(sum(critic.pool.heldout)),
-        "pool_synthetic": len(critic.pool) - critic.pool.count(LABELLED),
+        "pool_synthetic": critic.pool.synthetic,
     }
 
 

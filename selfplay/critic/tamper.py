@@ -99,6 +99,7 @@ def swap_value(
     spans = stated_values(prompt, essay, phrasing)
     if not spans:
         return None
+    donor_values: list[str] | None = None  # the donors' stated values, found once when a word is to be replaced
     order = rng.permutation(len(spans))
     for j in order:
         a, b = spans[j]
@@ -113,14 +114,10 @@ def swap_value(
                 while new == old:
                     new = str(int(rng.integers(lo, 10 ** len(old))))
             return _replace(essay, a, b, new, "swap_value")
+        if donor_values is None:
+            donor_values = [d[x:y] for p, d in donors for x, y in stated_values(p, d, phrasing)]
         pool = sorted(
-            {
-                d_essay[x:y]
-                for d_prompt, d_essay in donors
-                for x, y in stated_values(d_prompt, d_essay, phrasing)
-                if _shape(d_essay[x:y]) == _shape(old) and d_essay[x:y].lower() != old.lower()
-                and d_essay[x:y].lower() not in prompt.lower()
-            }
+            {v for v in donor_values if _shape(v) == _shape(old) and v.lower() != old.lower() and v.lower() not in prompt.lower()}
         )
         if pool:
             return _replace(essay, a, b, pool[int(rng.integers(len(pool)))], "swap_value")
