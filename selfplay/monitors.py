@@ -90,7 +90,8 @@ class Monitor:
     - `alarm/over_optimisation`: over the last `window` rounds the critic's raw score (`reward/raw_mean`,
       before the normaliser, whose running mean would chase a rising score and hide it) rose (least-squares
       slope > 0 and last - first > `min_change`) while gold fell (slope < 0 and first - last > `min_change`).
-      A retrained critic scores on another scale, so `critic_changed()` starts the window afresh.
+      A retrained critic scores on another scale, so `critic_changed()` starts the window afresh. A run without a
+      critic has none to exploit: the alarm stays quiet.
     - `alarm/kl`: the policy's KL to the reference above `kl_max`.
     - `alarm/collapse`: distinct-2 below `collapse_fraction` of its value for the SFT policy.
     """
@@ -124,7 +125,8 @@ class Monitor:
         cfg = self.cfg
         alarms: list[Alarm] = []
         w = cfg.window
-        self.rewards.append(float(metrics["reward/raw_mean"]))
+        if "reward/raw_mean" in metrics:
+            self.rewards.append(float(metrics["reward/raw_mean"]))
         if "gold/score" in metrics:
             self.golds.append(float(metrics["gold/score"]))
         if len(self.golds) >= w and len(self.rewards) >= w:

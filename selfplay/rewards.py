@@ -115,22 +115,22 @@ class Rewards:
                 raise RewardFnError(f"{where}: reward function {f.name} ({f.key}) {problem}; {then}")
         return out
 
-    def total(self, base_b: np.ndarray, r_fb: np.ndarray) -> np.ndarray:
+    def total(self, base_b: np.ndarray | None, r_fb: np.ndarray) -> np.ndarray:
         """critic_weight x base + sum_i weight_i x r_i, None (NaN) counting 0 (TRL's nansum). float32 [B]. With
-        critic_weight 0 the base is left out, so a non-finite critic score cannot reach the learner."""
+        critic_weight 0 the base is left out (None: a run without a critic), so a non-finite critic score cannot
+        reach the learner."""
         w_f = np.array([f.weight for f in self.fns], np.float64)
-        fn_sum_b = np.nansum(w_f[:, None] * r_fb, axis=0) if self.fns else np.zeros(len(base_b))
+        fn_sum_b = np.nansum(w_f[:, None] * r_fb, axis=0) if self.fns else np.zeros(r_fb.shape[1])
         base = self.critic_weight * np.asarray(base_b, np.float64) if self.critic_weight else 0.0
         return (base + fn_sum_b).astype(np.float32)
 
-    def metrics(self, critic_b: np.ndarray, r_fb: np.ndarray, total_b: np.ndarray) -> dict[str, float]:
+    def metrics(self, critic_b: np.ndarray | None, r_fb: np.ndarray, total_b: np.ndarray) -> dict[str, float]:
         """TRL's figures: `reward/mean` and `/std` of the total reward the learner maximised (the critic's own move to
-        `reward/critic_mean` and `/std`), `rewards/<name>/mean` and `/std` over the rows each function applied to
-        (NaN when none)."""
-        out = {
-            "reward/mean": float(total_b.mean()), "reward/std": float(total_b.std()),
-            "reward/critic_mean": float(critic_b.mean()), "reward/critic_std": float(critic_b.std()),
-        }  # fmt: skip
+        `reward/critic_mean` and `/std`; none without a critic), `rewards/<name>/mean` and `/std` over the rows each
+        function applied to (NaN when none)."""
+        out = {"reward/mean": float(total_b.mean()), "reward/std": float(total_b.std())}
+        if critic_b is not None:
+            out |= {"reward/critic_mean": float(critic_b.mean()), "reward/critic_std": float(critic_b.std())}
         for f, r in zip(self.fns, r_fb):
             applied = r[~np.isnan(r)]
             out[f"rewards/{f.name}/mean"] = float(applied.mean()) if applied.size else float("nan")

@@ -57,11 +57,15 @@ def test_bench_writes_one_json_line_without_timed_compilations(which, tmp_path, 
         assert rec["host_rss_mib"]["calls"] == 1 and rec["host_rss_mib"]["first"] > 0
 
 
-def test_round_without_refresh_counts_only_the_stages_that_ran(tmp_path):
+@pytest.mark.parametrize("extra, stages", [
+    ([], {"rollout", "score", "reference", "update"}),
+    (["reward.critic_weight=0", "reward.fns=[toy_rewards:length_reward]"], {"rollout", "reference", "update"}),  # no critic
+], ids=["no_refresh", "no_critic"])  # fmt: skip
+def test_round_without_refresh_counts_only_the_stages_that_ran(tmp_path, extra, stages):
     out = tmp_path / "results.jsonl"
-    assert main(["bench", "round", "--config", TINY, "--out", str(out), *SMALL, "critic.refresh_every=0"]) == 0
+    assert main(["bench", "round", "--config", TINY, "--out", str(out), *SMALL, "critic.refresh_every=0", *extra]) == 0
     rec = json.loads(out.read_text().splitlines()[-1])
-    assert set(rec["stages"]) == {"rollout", "score", "reference", "update"}
+    assert set(rec["stages"]) == stages
     assert rec["flops"] == pytest.approx(sum(st["flops"] for st in rec["stages"].values()))
 
 

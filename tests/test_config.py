@@ -22,6 +22,7 @@ from selfplay.config import (
     check_label_reserve,
     check_ptx_source,
     check_reward_source,
+    critic_refreshes,
     dump_config,
     initial_label_count,
     label_reserve,
@@ -29,6 +30,7 @@ from selfplay.config import (
     load_config,
     save_config,
     to_dict,
+    uses_critic,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -292,6 +294,16 @@ def test_label_reserve_is_checked_whatever_the_label_source():
     for source in ("world", "discriminator", "file"):
         with pytest.raises(ConfigError, match="leaves nothing for the initial training"):
             load_config(None, [*over, f"critic.label_source={source}"])
+
+
+def test_a_run_has_a_critic_when_its_score_is_rewarded_or_refreshes_train_it():
+    fns_only = ["reward.critic_weight=0", "reward.fns=[m:f]"]
+    assert uses_critic(load_config(None)) and not critic_refreshes(load_config(None))
+    assert not uses_critic(load_config(None, fns_only))
+    assert uses_critic(load_config(None, [*fns_only, "critic.refresh_every=5"]))  # logged, never rewarded
+    for no_labels in ("run.prompts_file=p.jsonl", "critic.label_source=file", "run.task=arithmetic"):
+        cfg = load_config(None, [*fns_only, "critic.refresh_every=5", no_labels])
+        assert not critic_refreshes(cfg) and not uses_critic(cfg), no_labels  # nothing could label a refresh's pairs
 
 
 def test_stated_initial_labels_fix_the_initial_critic_whatever_run_rounds():

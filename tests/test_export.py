@@ -20,6 +20,7 @@ from selfplay.cli import main
 from selfplay.config import UserError
 from selfplay.jobs import export
 from selfplay.models import hf
+from selfplay.models.hf.layout import flatten
 from selfplay.run.setup import CHECKPOINT_DIR
 from selfplay.run.train import train
 
@@ -143,7 +144,7 @@ def test_a_rounds_export_holds_that_rounds_params_not_the_sft_ones(trained, tmp_
 
     _, latest, _ = hf.load_hf(tmp_path / "latest")
     _, sft, _ = hf.load_hf(tmp_path / "sft")
-    want = {"/".join(p): v for p, v in hf._flatten(latest).items()}
+    want = {"/".join(p): v for p, v in flatten(latest).items()}
     assert want.keys() == round_1.keys()
     for k in want:
         np.testing.assert_array_equal(np.asarray(want[k]), np.asarray(round_1[k]))
@@ -186,7 +187,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
         (dst / "model-00001-of-00002.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf, "_write_weights", killed)
+    monkeypatch.setattr(hf.export, "write_weights", killed)
     with pytest.raises(KeyboardInterrupt):
         export.export_hf(run, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

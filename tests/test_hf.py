@@ -429,3 +429,23 @@ def test_import_keeps_the_special_ids_and_the_chat_template_in_the_run_dir(tmp_p
     assert tc["eos_token"] == "<|im_end|>"
     assert tc["chat_template"] == (INSTRUCT / "chat_template.jinja").read_text()  # transformers 5 saves it apart
     assert json.loads((run / "hf_config.json").read_text()) == json.loads((INSTRUCT / "config.json").read_text())
+
+
+def test_the_config_transformers_writes_for_smollm2_is_accepted():
+    """tests/fixtures/smollm2/hf_config.json: what transformers 5.24 saved for SmolLM2-135M-Instruct read from GGUF
+    (unk_token_id, use_cache, dtype, pretraining_tp, _model_name_or_path, ...): none of it changes the math."""
+    path = Path(__file__).parent / "fixtures" / "smollm2" / "hf_config.json"
+    raw = json.loads(path.read_text())
+    assert {"unk_token_id", "use_cache", "pretraining_tp", "mlp_bias", "attention_bias"} <= set(raw)
+    cfg, arch = hf.model_config_from_hf(raw, path)
+    assert arch == "LlamaForCausalLM"
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff) == (
+        49152, 576, 30, 9, 3, 0, 1536)
+    assert cfg.tie_embeddings and cfg.rope_theta == 1e5
+    older = raw | {"output_attentions": False, "return_dict": True, "max_length": 20, "temperature": 1.0,
+                   "sep_token_id": None, "is_decoder": False, "pruned_heads": {}, "hidden_dropout": 0.0}
+    assert hf.model_config_from_hf(older, path)[0] == cfg
+    for field, value in (("pruned_heads", {"0": [1]}), ("hidden_dropout", 0.1), ("add_cross_attention", True),
+                         ("attention_dropout", False)):
+        with pytest.raises(UserError, match=rf"{field}=.* is not supported for LlamaForCausalLM"):
+            hf.model_config_from_hf(raw | {field: value}, path)

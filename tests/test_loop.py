@@ -209,6 +209,23 @@ def test_changing_what_a_run_computes_is_refused(prepared, tmp_path, capsys):
     assert "differs from the given config in: learner.lr" in capsys.readouterr().err
 
 
+def test_critic_weight_0_with_refreshes_trains_and_logs_a_critic_it_never_rewards(prepared, tmp_path):
+    """reward.critic_weight=0 with critic.refresh_every=2: no initial critic is trained; the run's critic starts
+    untrained, round 2's refresh trains it, its figures are logged and it is checkpointed, and the reward is the
+    functions' alone."""
+    run = tmp_path / "refreshed"
+    shutil.copytree(prepared, run, ignore=shutil.ignore_patterns("critic", SFT_EVAL_FILE))
+    train(run, None, ["run.rounds=2", "reward.critic_weight=0", "reward.fns=[toy_rewards:length_reward]"], progress=False,
+          console=Console(quiet=True))
+    assert not (run / "critic").exists()
+    rows = _rows(run)
+    assert all(np.isfinite(r["reward/critic_mean"]) and np.isfinite(r["reward/raw_mean"]) for r in rows)
+    assert all(r["reward/mean"] == pytest.approx(r["rewards/length_reward/mean"]) for r in rows)
+    assert "loss/critic" not in rows[0] and np.isfinite(rows[1]["loss/critic"])
+    flat, meta = _final_flat(run)
+    assert int(flat["critic/step"]) == 2 and meta["critic"]["refreshes"] == 1  # critic.refresh_steps from untrained
+
+
 def test_tensorboard_shows_the_sft_and_critic_curves(prepared):
     sft_report = json.loads((prepared / "sft_report.json").read_text())
     curves = {}

@@ -51,6 +51,9 @@ def test_trl_signature_columns_none_and_weights():
     assert rewards.total(critic_b, none_apply)[0] == pytest.approx(0.5 - 0.07)  # None adds 0 (TRL's nansum)
     fns_only = Rewards(RewardConfig(critic_weight=0.0, fns=("toy_rewards:length_reward",)))
     np.testing.assert_allclose(fns_only.total(np.full(4, np.nan, np.float32), r_fb[1:]), r_fb[1], rtol=1e-6)  # no critic
+    np.testing.assert_allclose(fns_only.total(None, r_fb[1:]), r_fb[1], rtol=1e-6)  # a run without a critic at all
+    assert set(fns_only.metrics(None, r_fb[1:], r_fb[1])) == {"reward/mean", "reward/std", "rewards/length_reward/mean",
+                                                               "rewards/length_reward/std"}
 
 
 def test_default_is_the_critic_alone():

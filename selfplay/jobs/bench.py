@@ -25,7 +25,17 @@ import numpy as np
 
 from selfplay import actor, learner
 from selfplay import critic as C
-from selfplay.config import ActorConfig, BenchConfig, Config, ConfigError, ModelConfig, UserError, to_dict
+from selfplay.config import (
+    ActorConfig,
+    BenchConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    UserError,
+    critic_refreshes,
+    to_dict,
+    uses_critic,
+)
 from selfplay.models import transformer
 from selfplay.perf import (
     Probe,
@@ -317,8 +327,9 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     critic refresh's device work, from the critic's compiled fns: sampling its pairs (ceil(refresh_budget /
     critic.batch_size) calls of critic.batch_size prompts x 2), refresh_steps train steps, and the normaliser's
     re-calibration (scoring min(calibrate_normalizer's max_pairs, label_budget) pairs). Host-side work of the loop
-    (text decoding, the gold grader, diversity, logging) is left out. The refresh runs in every timed round; the
-    headline figure counts it once per critic.refresh_every rounds, as the loop does."""
+    (text decoding, the gold grader, the reward functions, diversity, logging) is left out. The refresh runs in every
+    timed round; the headline figure counts it once per critic.refresh_every rounds, as the loop does. A config without
+    a critic (`config.uses_critic`) has no score stage: the update gets zero rewards."""
     b, cc = bcfg, cfg.critic
     graphdef, params = _policy(cfg)
     policy = Policy(cfg, None, graphdef, params)  # no tokenizer: the generators get eos_ids and pad_id
@@ -329,11 +340,12 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     prompts_bp, len_n = jnp.asarray(prompts_bp), jnp.asarray(len_n)
     gen = actor.Generator(policy, cfg.actor, n, eos_ids=(b.eos_id,), pad_id=PAD_ID)
     steps, state = _learner_steps(cfg, graphdef, params)
-    critic = _synthetic_critic(cfg)
+    critic = _synthetic_critic(cfg) if uses_critic(cfg) else None
+    zero_rewards_b = jnp.zeros(rows, jnp.float32)
 
-    refresh_calls = math.ceil(cc.refresh_budget / cc.batch_size) if cc.refresh_every else 0
+    refresh_calls = math.ceil(cc.refresh_budget / cc.batch_size) if critic_refreshes(cfg) else 0
     pair_rows = 2 * cc.batch_size
-    calib_chunks = math.ceil(2 * min(_CALIBRATION_PAIRS, cc.label_budget) / pair_rows) if cc.refresh_every else 0
+    calib_chunks = math.ceil(2 * min(_CALIBRATION_PAIRS, cc.label_budget) / pair_rows) if critic_refreshes(cfg) else 0
     refresh_gen = actor.Generator(policy, cfg.actor, cc.batch_size, eos_ids=(b.eos_id,), pad_id=PAD_ID)  # as selfplay.run.setup's
     r_prompts, r_len, r_p = synthetic_prompts(cfg, b, cc.batch_size, new, cfg.run.seed + 1)
     if r_p != p:
@@ -366,9 +378,9 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     def one_round(i: int) -> Any:
         key = keys[i]
         rollout = sw("rollout", gen.sample, holder["state"].params, prompts_bp, len_n, jax.random.fold_in(key, 0), g)
-        scores, _ = sw("score", C.score_rollout, critic, rollout, p)
+        rewards_b = zero_rewards_b if critic is None else sw("score", C.score_rollout, critic, rollout, p)[0].rewards_b
         ref_lp = sw("reference", steps.reference(p), ref_params, rollout)
-        out = sw("update", update, rollout, scores.rewards_b, ref_lp, jax.random.fold_in(key, 1))
+        out = sw("update", update, rollout, rewards_b, ref_lp, jax.random.fold_in(key, 1))
         if refresh_calls:
             sw("critic", refresh, holder["state"].params, key)
         return out

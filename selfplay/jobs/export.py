@@ -1,9 +1,8 @@
 """`selfplay export-hf`: a run's policy (the SFT or imported one, or a saved round's) as a directory transformers loads
 unchanged; written into a temporary sibling and renamed into place, so a killed export leaves nothing half-written.
 
-Which params: `step` N >= 1 is round N's learner params (RUN_DIR/checkpoints/N, read without the rest of the RunState);
-0 is the SFT/imported policy (RUN_DIR/policy/), which no round saves as 0; None is the latest saved round when the run
-has one, else the SFT/imported policy.
+Which params: `step` as `selfplay.run.state.load_round_policy` reads it (N >= 1: round N's; 0: the SFT/imported
+policy; None: the latest saved round, else the SFT/imported policy), the rule `selfplay generate --checkpoint` shares.
 """
 
 from __future__ import annotations
@@ -12,24 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
-from flax import nnx
-
-from selfplay import checkpoint
-from selfplay.config import Config, UserError
+from selfplay.config import UserError
 from selfplay.models import hf
-from selfplay.policy import POLICY_DIR, TOKENIZER_FILE, abstract_params, has_policy, load_policy, load_run_config
-from selfplay.run.setup import CHECKPOINT_DIR
-from selfplay.tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, Tokenizer
-
-
-def round_params(run_dir: Path, cfg: Config, step: int | None = None) -> tuple[int, nnx.State]:
-    """(step, the learner's params at round `step`, default the latest) read alone from the run's checkpoints."""
-    _, abstract = abstract_params(cfg)
-    target = {"learner": {"params": abstract}}  # flattens to the RunState checkpoint's own paths
-    with checkpoint.Checkpointer(run_dir / CHECKPOINT_DIR, read_only=True) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        flat = ckpt.restore_part(step, checkpoint.flatten_tree(target))
-    return step, checkpoint.unflatten_like(target, flat)["learner"]["params"]
+from selfplay.policy import POLICY_DIR, TOKENIZER_FILE, has_policy, load_run_config
+from selfplay.run.state import load_round_policy
+from selfplay.tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 
 
 def _optional_json(path: Path) -> dict | None:
@@ -52,13 +38,7 @@ def export_hf(
     cfg = load_run_config(run)
     if not has_policy(run):
         raise UserError(f"{run} has no policy ({run / POLICY_DIR}, {run / TOKENIZER_FILE}); run `selfplay pretrain` or `selfplay import-hf`")
-    tokenizer = Tokenizer.load(run / TOKENIZER_FILE)
-    if step is None and not checkpoint.has_checkpoint(run / CHECKPOINT_DIR):
-        step = 0
-    if step == 0:
-        params = load_policy(run, cfg).params
-    else:
-        step, params = round_params(run, cfg, step)
+    step, policy = load_round_policy(run, cfg, step)
     hf_config = _optional_json(run / hf.HF_CONFIG_FILE)
     arch = "Qwen2ForCausalLM" if cfg.model.attention_bias else "LlamaForCausalLM"
 
@@ -66,7 +46,7 @@ def export_hf(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf.save_hf(
-            tmp, cfg.model, params, tokenizer, arch, hf_config=hf_config,
+            tmp, cfg.model, policy.params, policy.tokenizer, arch, hf_config=hf_config,
             base_generation_config=_optional_json(run / GENERATION_CONFIG_FILE),
             base_tokenizer_config=_optional_json(run / TOKENIZER_CONFIG_FILE), max_shard_bytes=max_shard_bytes,
         )

@@ -1,8 +1,11 @@
-"""`selfplay generate`: essays from a run directory's policy, as JSON lines (with gold scores for world prompts)."""
+"""`selfplay generate`: essays from a run directory's policy, as JSON lines (with gold scores for world prompts); which
+policy writes them (a saved round's, or the SFT/imported one) is `selfplay.run.state.load_round_policy`'s rule.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -12,11 +15,16 @@ from selfplay.actor import Generator
 from selfplay.chat import load_chat_template
 from selfplay.config import UserError
 from selfplay.data import read_prompts
-from selfplay.policy import load_policy, load_run_config
+from selfplay.policy import load_run_config
+from selfplay.run.state import load_round_policy
 from selfplay.world import World
 
 
-def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None, prompts_file: str | None, seed: int) -> int:
+def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None, prompts_file: str | None, seed: int,
+        step: int | None = None) -> int:
+    """Print one JSON line per prompt, written by round `step`'s policy (None: the latest saved round, else the SFT
+    policy; 0: the SFT policy); which one goes to stderr."""
+    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     world = World.from_config(cfg.world)
     if prompt is not None:
@@ -27,7 +35,8 @@ def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None
         if n < 1:
             raise UserError(f"--n must be >= 1, got {n}")
         prompts = world.sample_prompts(n, np.random.default_rng([seed, 7]), "mixed")
-    policy = load_policy(run_dir, cfg)
+    step, policy = load_round_policy(run_dir, cfg, step)
+    print(f"generating with {f'round {step}' if step else 'the SFT policy'} of {run_dir}", file=sys.stderr, flush=True)
     gen = Generator(policy, cfg.actor, batch=min(len(prompts), cfg.actor.prompts_per_round))
     essays = gen.generate(prompts, jax.random.key(seed))
     for p, e in zip(prompts, essays):

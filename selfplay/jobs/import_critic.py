@@ -48,6 +48,7 @@ from flax import nnx
 from selfplay.config import CriticConfig, ModelConfig, UserError, save_config
 from selfplay.critic import CRITIC_DIR, critic_from_state, has_critic, init_state, save_critic
 from selfplay.models import hf
+from selfplay.models.hf.load import check_vocab, open_checkpoint, read_params
 from selfplay.policy import TOKENIZER_FILE, has_policy, load_run_config
 from selfplay.run.setup import CHECKPOINT_DIR
 from selfplay.tokenizer import Tokenizer
@@ -109,51 +110,15 @@ def load_hf_critic(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Token
     if not src.is_dir():
         raise UserError(f"{src} is not a directory (a Hugging Face reward model: {hf.CONFIG_FILE}, {hf.WEIGHTS_FILE}, "
                         f"{TOKENIZER_FILE})")
-    raw = hf.read_json(src / hf.CONFIG_FILE)
-    if not (src / TOKENIZER_FILE).is_file():
-        raise UserError(f"{src}: {TOKENIZER_FILE} is missing (a tokenizer in another format must be converted first)")
-    tokenizer = Tokenizer.load(src / TOKENIZER_FILE)
     with contextlib.ExitStack() as stack:
-        weights = hf._Weights(src, stack)
-        for name, (dtype, _) in weights.info.items():
-            if dtype not in hf._DTYPES:
-                raise UserError(f"{weights.file_of[name]}: tensor '{name}' has dtype {dtype}; only F32, F16 and BF16 are supported")
-        all_bf16 = all(dtype == "BF16" for dtype, _ in weights.info.values())
-        cfg, arch = _critic_model_config(raw, src, tokenizer, "bfloat16" if all_bf16 else "float32")
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(
-                f"{src / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than config.json's vocab_size {cfg.vocab_size}"
-            )
-        # our param path -> ([HF names], per-name HF shape); the score head is the one tensor the policy import lacks
-        plan = {SCORE_TENSOR: ([SCORE_TENSOR], (1, cfg.d_model))}
-        for path, leaf in hf._flatten(hf.abstract_params(cfg)).items():
-            shape = leaf.shape[1:] if path[0] == "layers" else leaf.shape
-            plan[path] = (hf._hf_names(path, cfg.n_layers), hf._hf_shape(hf._TENSORS[path][1], shape))
-        for names, want in plan.values():
-            for name in names:
-                if name not in weights.info:
-                    raise UserError(f"{src}: tensor '{name}' is missing; a {arch} with this config.json needs it")
-                got = weights.info[name][1]
-                if got != want:
-                    raise UserError(
-                        f"{weights.file_of[name]}: tensor '{name}' has shape {list(got)}, but config.json implies {list(want)}"
-                    )
-        used = {name for names, _ in plan.values() for name in names}
-        spare = sorted(n for n in weights.info if n not in used and not n.endswith("rotary_emb.inv_freq"))
-        if spare:
-            raise UserError(
-                f"{src}: {len(spare)} tensor(s) not used by a {arch} with this config.json, e.g. {', '.join(spare[:4])}"
-            )
-
-        dtype = hf._DTYPES["BF16" if all_bf16 else "F32"]
-        trunk = {}
-        for path, leaf in hf._flatten(hf.abstract_params(cfg)).items():
-            shape = leaf.shape[1:] if path[0] == "layers" else leaf.shape
-            parts = [hf._to_ours(hf._TENSORS[path][1], weights.read(n), shape).astype(dtype) for n in plan[path][0]]
-            trunk[path] = jnp.asarray(np.stack(parts) if path[0] == "layers" else parts[0])
-        kernel = jnp.asarray(weights.read(SCORE_TENSOR)[0].astype(np.float32))
+        ck = open_checkpoint(src, stack)
+        cfg, arch = _critic_model_config(ck.config, src, ck.tokenizer, ck.param_dtype)
+        check_vocab(ck.tokenizer, cfg)
+        # the score head is the one tensor the policy import lacks
+        trunk, extra = read_params(ck, cfg, arch, {SCORE_TENSOR: (1, cfg.d_model)})
+    kernel = jnp.asarray(extra[SCORE_TENSOR][0].astype(np.float32))
     head = {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}  # transformers' score has no bias
-    return cfg, {"trunk": hf._unflatten(trunk), "head": head}, tokenizer, arch
+    return cfg, {"trunk": trunk, "head": head}, ck.tokenizer, arch
 
 
 def fit_critic(critic: CriticConfig, model: ModelConfig) -> CriticConfig:

@@ -1,5 +1,6 @@
 """Judging a policy on the held-out prompts: gold score and sub-scores, the reward functions' means, diversity, length,
 the critic's agreement with gold and KL to the reference (`evaluate`); the SFT-vs-trained table; `selfplay eval` of any saved round.
+A run without a critic has no critic rows.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ TABLE_ROWS = [
 ]
 
 
-def evaluate(setup: Setup, params: Any, critic: Critic) -> dict[str, float]:
+def evaluate(setup: Setup, params: Any, critic: Critic | None) -> dict[str, float]:
     """The table's figures for `params` on the held-out prompts (fixed seed, so every checkpoint is judged on the
-    same draws); the critic is only read."""
+    same draws); the critic is only read (None: no critic figures)."""
     cfg, gen, task = setup.cfg, setup.gen, setup.task
     g = EVAL_SAMPLES_PER_PROMPT
     key = jax.random.fold_in(jax.random.key(cfg.run.seed), EVAL_PROMPTS_SEED)
@@ -64,35 +65,39 @@ def evaluate(setup: Setup, params: Any, critic: Critic) -> dict[str, float]:
         essays += gen.completions(rollout, p)[:n]
         lp, _ = setup.steps.logprob_fn(params, rollout.tokens_bl, rollout.positions_bl(p), rollout.valid_mask_bl(p))
         ref = setup.steps.reference(p)(setup.ref_params, rollout)
-        scores = critic.fns.score(critic.state, rollout, p)
-        mask, delta, reward, raw = sharding.to_host((rollout.completion_mask_bl, lp - ref, scores.rewards_b, raw_rewards(critic.ccfg, scores)))
+        mask, delta = sharding.to_host((rollout.completion_mask_bl, lp - ref))
         mask = mask[:n]
         lengths += list(mask.sum(1))
         kls += list((delta[:n] * mask).sum(1))
-        rewards.append(reward[:n])
-        raws.append(raw[:n])
+        if critic is not None:
+            scores = critic.fns.score(critic.state, rollout, p)
+            reward, raw = sharding.to_host((scores.rewards_b, raw_rewards(critic.ccfg, scores)))
+            rewards.append(reward[:n])
+            raws.append(raw[:n])
     rep = [p for p in task.eval_prompts for _ in range(g)]
+    critic_b = np.concatenate(rewards) if critic is not None else None
     out: dict[str, float] = {}
     grades = task.grades(rep, essays)
     if grades is not None:
         out |= {f"gold/{k}": v for k, v in mean_scores(grades).items()}
-        agreement = pair_agreement(np.concatenate(rewards), np.array([x.score for x in grades]), g)
+    if grades is not None and critic_b is not None:
+        agreement = pair_agreement(critic_b, np.array([x.score for x in grades]), g)
         if agreement is not None:
             out["critic/accuracy"] = agreement
     if setup.rewards.fns:  # e.g. the arithmetic task's held-out accuracy, rewards/exact_answer/mean
         r_fb = setup.rewards.call(rep, essays, task.columns(range(len(task.eval_prompts)), g, held_out=True), rnd=None)
-        critic_b = np.concatenate(rewards)
         fn_metrics = setup.rewards.metrics(critic_b, r_fb, setup.rewards.total(critic_b, r_fb))
         out |= {k: v for k, v in fn_metrics.items() if k.startswith("rewards/")}
     out |= diversity(essays)
     out["completions/mean_length"] = float(np.mean(lengths))
     out["kl/sequence"] = float(np.mean(kls))
-    out["reward/mean"] = float(np.mean(np.concatenate(rewards)))
-    out["reward/raw_mean"] = float(np.mean(np.concatenate(raws)))
+    if critic_b is not None:
+        out["reward/mean"] = float(np.mean(critic_b))
+        out["reward/raw_mean"] = float(np.mean(np.concatenate(raws)))
     return out
 
 
-def sft_evaluation(setup: Setup, critic: Critic, run_dir: Path, *, write: bool) -> dict:
+def sft_evaluation(setup: Setup, critic: Critic | None, run_dir: Path, *, write: bool) -> dict:
     """The SFT policy's figures, computed once per run directory and kept in eval_sft.json (`write`: this process
     writes files)."""
     path = run_dir / SFT_EVAL_FILE
@@ -104,10 +109,10 @@ def sft_evaluation(setup: Setup, critic: Critic, run_dir: Path, *, write: bool) 
     return out
 
 
-def sft_column(sft_eval: dict, setup: Setup, critic: Critic) -> dict:
+def sft_column(sft_eval: dict, setup: Setup, critic: Critic | None) -> dict:
     """The table's SFT column next to a policy judged by `critic`: once the critic has been refreshed its scores
     have another scale, so the SFT policy's critic rows are scored again by it (the gold rows are kept)."""
-    if critic.refreshes == 0:
+    if critic is None or critic.refreshes == 0:
         return sft_eval
     again = evaluate(setup, setup.ref_params, critic)
     return sft_eval | {k: again[k] for k in CRITIC_KEYS if k in again}

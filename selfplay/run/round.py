@@ -4,6 +4,7 @@ measurements (gold grader, diversity, lengths). `selfplay bench round` times the
     prompts -> actor -> critic score -> reference log-probs -> reward functions (reward.fns, weighted with the critic)
         -> learner update (+ human examples, learner.ptx_coef)
     every critic.refresh_every rounds: critic refresh on the policy's own samples
+A run without a critic (config.uses_critic) skips the score stage and reports no critic figures.
 """
 
 from __future__ import annotations
@@ -125,8 +126,9 @@ class Setup:
 
 @dataclasses.dataclass
 class RoundResult:
-    """metrics: every scalar of the round (TensorBoard tags); rewards_b: the critic's reward of each essay; text: a
-    markdown sample of essays with their scores; refreshed: the critic was retrained at the round's end."""
+    """metrics: every scalar of the round (TensorBoard tags); rewards_b: the critic's reward of each essay (without a
+    critic: the total reward); text: a markdown sample of essays with their scores; refreshed: the critic was
+    retrained at the round's end."""
 
     metrics: dict[str, float]
     rewards_b: np.ndarray
@@ -169,17 +171,19 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         return essays, [s for s, _ in judged], token_credits(tok, tokens_h, mask_h, p, spans)
 
     graded = _HOST.submit(on_host, decode_and_grade)
-    scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
-    rewards_b = scores.rewards_b
+    critic_b = raw_b = None  # the critic's reward and raw score of each essay, when the run has a critic
+    if run.critic is not None:
+        scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
+        critic_b = scores.rewards_b
     ref_lp = sw("timing/reference", steps.reference(p), setup.ref_params, rollout)
 
     essays, grades, credits_bl = graded.result()
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
-    train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else rewards_b
+    train_rewards = steps.place_batch(gold_b) if cfg.run.reward_source == "gold" else critic_b
     r_fb = total_b = None
     if not setup.rewards.critic_only:  # a failing reward function stops the round here, before the update
         r_fb = sw("timing/reward_fns", setup.rewards.call, rep, essays, task.columns(idx, g), rnd)
-        total_b = setup.rewards.total(sharding.to_host(train_rewards), r_fb)
+        total_b = setup.rewards.total(None if train_rewards is None else sharding.to_host(train_rewards), r_fb)
         train_rewards = steps.place_batch(total_b)
 
     def update() -> dict:
@@ -189,8 +193,8 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         run.learner, m = steps.update(p)(run.learner, batch, jax.random.fold_in(key_r, 1))
         return jax.device_get(m)
 
-    r, raw = sharding.to_host((rewards_b, raw_b))
-    measured = _HOST.submit(on_host, measure, r, raw, mask_h, eos_h, essays, grades, g)
+    critic_rr = None if critic_b is None else sharding.to_host((critic_b, raw_b))
+    measured = _HOST.submit(on_host, measure, critic_rr, mask_h, eos_h, essays, grades, g)
     metrics: dict[str, float] = {k: float(v) for k, v in sw("timing/update", update).items()}
     refreshed = setup.refresh_source is not None and rnd % cfg.critic.refresh_every == 0
     if refreshed:
@@ -198,27 +202,32 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     metrics |= measured.result()
     if r_fb is not None:
-        metrics |= setup.rewards.metrics(r, r_fb, total_b)
+        metrics |= setup.rewards.metrics(None if critic_rr is None else critic_rr[0], r_fb, total_b)
     timing = sw.last()
     timing["timing/host"] = host_s[0]
     timing["perf/step_time"] = time.perf_counter() - t_round
     metrics |= timing
     metrics["perf/tokens_per_s"] = float(mask_h.sum()) / max(timing["timing/rollout"], 1e-9)
-    return RoundResult(metrics, r, sample_text(rep, essays, r, grades), refreshed)
+    r, whose = (total_b, "reward") if critic_rr is None else (critic_rr[0], "critic")
+    return RoundResult(metrics, r, sample_text(rep, essays, r, grades, whose), refreshed)
 
 
-def measure(r: np.ndarray, raw: np.ndarray, mask: np.ndarray, eos_b: np.ndarray, essays: list[str], grades: list | None, g: int) -> dict[str, float]:
-    """The round's host-side measurements: reward, length, gold sub-scores, the critic's agreement with gold, diversity."""
-    out = {
-        "reward/mean": float(r.mean()),
-        "reward/std": float(r.std()),
-        "reward/raw_mean": float(raw.mean()),
+def measure(critic_rr: tuple[np.ndarray, np.ndarray] | None, mask: np.ndarray, eos_b: np.ndarray, essays: list[str],
+            grades: list | None, g: int) -> dict[str, float]:
+    """The round's host-side measurements: length, gold sub-scores, diversity and, given the critic's (rewards, raw
+    scores), its reward and agreement with gold."""
+    out: dict[str, float] = {}
+    if critic_rr is not None:
+        r, raw = critic_rr
+        out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()), "reward/raw_mean": float(raw.mean())}
+    out |= {
         "completions/mean_length": float(mask.sum()) / len(essays),
         "completions/clipped_ratio": float(1.0 - eos_b.mean()),
     }
     if grades is not None:
         out |= {f"gold/{k}": v for k, v in mean_scores(grades).items() if not k.startswith("n_") and not k.startswith("has_")}
-        agreement = pair_agreement(r, np.array([x.score for x in grades], np.float32), g)
+    if grades is not None and critic_rr is not None:
+        agreement = pair_agreement(critic_rr[0], np.array([x.score for x in grades], np.float32), g)
         if agreement is not None:
             out["critic/accuracy"] = agreement
         elif g >= 2:
@@ -226,11 +235,11 @@ def measure(r: np.ndarray, raw: np.ndarray, mask: np.ndarray, eos_b: np.ndarray,
     return out | diversity(essays)
 
 
-def sample_text(rep: list[str], essays: list[str], r: np.ndarray, grades: list | None, shown: int = 4) -> str:
-    """Markdown of `shown` essays spread over the batch, with their prompt, critic reward and gold score."""
+def sample_text(rep: list[str], essays: list[str], r: np.ndarray, grades: list | None, label: str, shown: int = 4) -> str:
+    """Markdown of `shown` essays spread over the batch, with their prompt, reward `r` (`label`: whose) and gold score."""
     gold = [""] * len(essays) if grades is None else [f" · gold {s.score:.2f} (halluc. {s.hallucination_rate:.2f})" for s in grades]
     picks = list(range(0, len(essays), max(1, len(essays) // shown)))[:shown]
-    return "\n\n".join(f"**prompt:** {rep[i]}\n\n**critic** {r[i]:+.3f}{gold[i]}\n\n{essays[i]}" for i in picks)
+    return "\n\n".join(f"**prompt:** {rep[i]}\n\n**{label}** {r[i]:+.3f}{gold[i]}\n\n{essays[i]}" for i in picks)
 
 
 def pair_agreement(rewards_b: np.ndarray, gold_b: np.ndarray, g: int) -> float | None:

@@ -15,18 +15,27 @@ import jax
 from selfplay import checkpoint, learner, perf, sharding
 from selfplay.actor import Generator
 from selfplay.chat import load_chat_template
-from selfplay.config import Config, ConfigError, ModelConfig, UserError, initial_label_count, load_config, to_dict
+from selfplay.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    UserError,
+    critic_refreshes,
+    initial_label_count,
+    load_config,
+    to_dict,
+    uses_critic,
+)
 from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, has_critic, init_critic, load_critic, read_preference_file
 from selfplay.data import DataError, PromptStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.monitors import Monitor
 from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
 from selfplay.rewards import Rewards, load_reward_fns
 from selfplay.run.round import Setup, Steps, init_learner
-from selfplay.run.state import RunState
+from selfplay.run.state import CHECKPOINT_DIR, RunState
 from selfplay.run.task import make_ptx_stream, make_task
 from selfplay.tokenizer import Tokenizer
 
-CHECKPOINT_DIR = "checkpoints"
 TB_DIR = "tb"
 
 # Keys a resumed run may change: how long it runs and how it reports, never what it computes. Every `mesh.*` key
@@ -138,12 +147,13 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
 
 def checkpoint_bytes(cfg: Config) -> int:
     """About what one round's checkpoint takes on disk: the policy's float32 params with Adam's two moments (twice
-    for PPO's value model), the critic's likewise per ensemble member."""
+    for PPO's value model), the critic's likewise per ensemble member when the run has one."""
     def weights(m: ModelConfig) -> int:
         return perf.matmul_params(m) + m.vocab_size * m.d_model
 
     policy = weights(cfg.model) * (2 if cfg.learner.algorithm == "ppo" else 1)
-    return 4 * 3 * (policy + weights(cfg.critic.model) * cfg.critic.ensemble_size)
+    critic = weights(cfg.critic.model) * cfg.critic.ensemble_size if uses_critic(cfg) else 0
+    return 4 * 3 * (policy + critic)
 
 
 def check_run_dir(cfg: Config, run_dir: Path) -> None:
@@ -166,18 +176,20 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
 
 
 def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, RunState]:
-    """The run's pieces from a run directory holding a policy and a critic, and the state of round 0: the policy and
-    its frozen reference read into their shards, the learner state and the critic placed on the mesh."""
+    """The run's pieces from a run directory holding a policy (and a critic, when its score enters the reward), and
+    the state of round 0: the policy and its frozen reference read into their shards, the learner state and the
+    critic placed on the mesh. A run without a critic (`uses_critic`) gets None, its critic/ left unread."""
     policy = load_policy(run_dir, cfg, layout=layout)
     task = make_task(cfg, run_dir)
-    if cfg.reward.critic_weight == 0 and not has_critic(run_dir / CRITIC_DIR):  # `prepare` trained none: the score
-        # of an untrained critic is logged (reward/critic_mean), never trained on
-        critic = init_critic(cfg, policy.tokenizer, world=task.world, policy_params=policy.params, policy_model=policy.cfg.model,
-                             layout=layout)
-    else:
-        critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
+    critic = None
+    if uses_critic(cfg):
+        if cfg.reward.critic_weight > 0 or has_critic(run_dir / CRITIC_DIR):
+            critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=task.world, layout=layout)
+        else:  # weight 0 and `prepare` trained none: the refreshes train one from untrained
+            critic = init_critic(cfg, policy.tokenizer, world=task.world, policy_params=policy.params,
+                                 policy_model=policy.cfg.model, layout=layout)
     refresh_source = None
-    if cfg.critic.refresh_every and task.world is not None and cfg.critic.label_source != "file":
+    if critic_refreshes(cfg) and task.world is not None:
         critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
         refresh_source = PairSource(task.world, generator_sample_fn(critic_gen), cfg.critic.label_source, cfg.critic.batch_size)
     optimizer = learner.make_optimizer(cfg.learner, learner.num_optimizer_updates(cfg.learner, cfg.run.rounds))

@@ -53,11 +53,17 @@ class Task:
 
 def make_task(cfg: Config, run_dir: str | Path) -> Task:
     """The world's prompts, run.prompts_file's (conversations rendered with RUN_DIR's chat template; its first tenth,
-    at most run.eval_prompts, is held out for the table), or the arithmetic task's with their `answer` column."""
+    at most run.eval_prompts, is held out for the table), or the arithmetic task's with their `answer` column (as a
+    user turn in RUN_DIR's chat template when it has one: an imported chat model)."""
     if cfg.run.task == "arithmetic":
         train = arithmetic.train_problems(cfg.arithmetic, cfg.run.train_prompts, cfg.run.eval_prompts)
         evals = arithmetic.held_out(cfg.arithmetic, cfg.run.eval_prompts)
-        return Task([p.prompt(t) for p, t in train], [p.prompt(t) for p, t in evals], None,
+        chat = load_chat_template(run_dir)  # an imported chat model is asked as a user, in its own template
+
+        def text(p: arithmetic.Problem, template: int) -> str:
+            return chat.render([{"role": "user", "content": p.prompt(template)}]) if chat else p.prompt(template)
+
+        return Task([text(p, t) for p, t in train], [text(p, t) for p, t in evals], None,
                     [{"answer": p.answer} for p, _ in train], [{"answer": p.answer} for p, _ in evals])
     if cfg.run.prompts_file:
         rows = read_prompt_rows(cfg.run.prompts_file)

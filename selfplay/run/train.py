@@ -8,8 +8,9 @@ only the logging process writes TensorBoard, eval.json and the console; every pr
 checkpoints. SFT and the initial critic are single-device jobs: a multi-process run needs a run directory with both.
 
 Run directory: config.yaml, tokenizer.json, policy/ (the SFT or imported policy, also the frozen reference), critic/
-(the initial critic), checkpoints/ (RunState per saved round), tb/ (TensorBoard + metrics.jsonl of the rounds;
-tb/sft and tb/critic for the SFT and critic curves), eval_sft.json, eval.json (the final comparison table).
+(the initial critic; none when reward.critic_weight is 0), checkpoints/ (RunState per saved round), tb/ (TensorBoard
++ metrics.jsonl of the rounds; tb/sft and tb/critic for the SFT and critic curves), eval_sft.json, eval.json (the final
+comparison table).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 from rich.console import Console
 
 from selfplay import checkpoint, sharding
-from selfplay.config import Config, UserError, save_config
+from selfplay.config import Config, UserError, save_config, uses_critic
 from selfplay.critic import CRITIC_DIR, has_critic
 from selfplay.jobs.critic import train_critic
 from selfplay.jobs.sft import pretrain
@@ -122,8 +123,10 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=cfg.run.pairs_file or None, progress=progress, log=log, console=console)
+    elif not uses_critic(cfg):
+        log("[bold]2/3 critic[/bold]: none, reward.critic_weight is 0 and no refresh trains one")
     elif cfg.reward.critic_weight == 0 and not has_critic(run_dir / CRITIC_DIR):
-        log("[bold]2/3 critic[/bold]: skipped, reward.critic_weight is 0 (an untrained critic's score is only logged)")
+        log("[bold]2/3 critic[/bold]: skipped, reward.critic_weight is 0 (refreshes train one from untrained, its score only logged)")
 
 
 def resume(run: RunState, ckpt: checkpoint.Checkpointer, run_dir: Path, rounds: int, log: Callable[[str], None]) -> int:
