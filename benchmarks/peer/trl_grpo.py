@@ -4,6 +4,7 @@ Runs in the peer virtualenv (benchmarks/peer/setup.sh), never in selfplay's; pri
 
     benchmarks/peer/.venv/bin/python benchmarks/peer/trl_grpo.py round  --config configs/bench_reference.yaml
     benchmarks/peer/.venv/bin/python benchmarks/peer/trl_grpo.py decode --config configs/bench_reference.yaml
+    benchmarks/peer/.venv/bin/python benchmarks/peer/trl_grpo.py smollm2 --model-dir runs/bench-smollm2-hf
 
 `round`: GRPOTrainer steps of prompts_per_round x samples_per_prompt completions of exactly actor.max_new_tokens
 tokens each (min_new_tokens = max_completion_length, so no row ends early, as bench.eos_id -1 does for ours), GRPO with
@@ -14,9 +15,15 @@ everything TRL's loop does per step counts. The phase split comes from TRL's own
 `decode`: `model.generate` alone on one prompt (batch 1 by default) of bench.prompt_len tokens, exactly
 actor.max_new_tokens new tokens, KV cache on: decode tokens per second.
 
-Weights are random and built here; the tokenizer is a word-level `tokenizers` model built here ("w3" .. "wV-1", one
-token per word), so nothing is downloaded. The policy is written to a temporary directory because TRL builds its
-reference model with from_pretrained on the policy's path.
+`smollm2` (issue #28): GRPOTrainer on a real checkpoint, the Hugging Face directory benchmarks/peer/smollm2_hf.py
+writes (the same weights ours imports), its tokenizer and chat template, the conversational prompts of --prompts
+(benchmarks/peer/smollm2_prompts.jsonl) and the reward function ours calls, selfplay.tasks.arithmetic:exact_answer
+(imported from this checkout; TRL hands it message lists, `exact_answer_on_text` hands it their text), no reward
+model; shapes, beta and learning rate from configs/bench_smollm2.yaml, the rest as in `round`.
+
+In `round` and `decode`, weights are random and built here; the tokenizer is a word-level `tokenizers` model built
+here ("w3" .. "wV-1", one token per word), so nothing is downloaded. The policy is written to a temporary directory
+because TRL builds its reference model with from_pretrained on the policy's path.
 """
 
 from __future__ import annotations
@@ -164,10 +171,65 @@ def phase_split(events: list[tuple[str, float]], step_s: float) -> dict:
     return out
 
 
+def grpo_args(s: dict, out_dir: str, rows: int, total: int, seed: int):
+    """GRPOConfig for `total` steps of `rows` completions (s["samples_per_prompt"] per prompt) of exactly
+    s["new_tokens"] tokens, one optimiser step per generation batch, float32, no activation checkpointing."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=True, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=seed, max_steps=total, num_train_epochs=1,
+        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=s["samples_per_prompt"],
+        num_iterations=1, max_completion_length=s["new_tokens"],
+        generation_kwargs={"min_new_tokens": s["new_tokens"]}, temperature=s["temperature"],
+        beta=s["beta"], learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=s["max_grad_norm"], activation_checkpointing=False, bf16=False, fp16=False,
+        model_init_kwargs={"dtype": torch.float32}, dataloader_num_workers=0, log_completions=False,
+    )
+
+
+def train_timed(trainer, timer: StepTimer, s: dict, warmup: int, steps: int, rows: int) -> dict:
+    """Run the trainer's `warmup + steps` steps; check the reference model, the completion lengths (exactly
+    s["new_tokens"]); return the figure over the timed steps, TRL's phase split and what was seen."""
+    total = warmup + steps
+    if trainer.ref_model is None or trainer.model.is_activation_checkpointing or trainer.args.bf16:
+        raise SystemExit("GRPOTrainer built no reference model, or checkpoints activations, or runs bf16")
+    lengths: set[int] = set()
+    prompt_lengths: set[int] = set()
+    generate_and_score = trainer._generate_and_score_completions
+
+    def checked(inputs):
+        out = generate_and_score(inputs)
+        lengths.update(out["completion_mask"].sum(1).tolist())
+        prompt_lengths.update(out["prompt_mask"].sum(1).tolist())
+        return out
+
+    trainer._generate_and_score_completions = checked
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its summary; stdout is the JSON line only
+        trainer.train()
+    wall = time.perf_counter() - t0
+    if len(timer.step_s) != total:
+        raise SystemExit(f"expected {total} steps, timed {len(timer.step_s)}")
+    if lengths != {s["new_tokens"]}:
+        raise SystemExit(f"completion lengths {sorted(set(lengths))}, expected exactly {s['new_tokens']}")
+    timed = timer.step_s[warmup:]
+    splits = [phase_split(ev, t) for ev, t in zip(timer.events[warmup:total], timed)]
+    split = {k: float(np.median([sp[k] for sp in splits])) for k in splits[0]}
+    return {
+        "figure": {"name": "completions_per_s", "unit": "completions per second, whole GRPOTrainer steps",
+                   **rate_stats(float(rows), timed)},
+        "phases_s": split,
+        "phase_shares": {k: v / sum(split.values()) for k, v in split.items()},
+        "completion_lengths_seen": sorted(set(lengths)), "prompt_lengths_seen": sorted(prompt_lengths),
+        "first_step_s": timer.step_s[0], "wall_s": wall,
+    }
+
+
 def bench_round(s: dict, warmup: int, steps: int, seed: int, log) -> dict:
     if s["epochs"] != 1 or s["minibatches"] != 1:
         raise SystemExit("trl_grpo.py mirrors learner.epochs 1 and learner.minibatches 1 only")
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     torch.manual_seed(seed)
     m, cm = s["model"], s["critic_model"]
@@ -183,56 +245,71 @@ def bench_round(s: dict, warmup: int, steps: int, seed: int, log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         LlamaForCausalLM(llama_config(m)).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        args = GRPOConfig(
-            output_dir=os.path.join(tmp, "out"), use_cpu=True, report_to="none", save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, seed=seed, max_steps=total, num_train_epochs=1,
-            per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=s["samples_per_prompt"],
-            num_iterations=1, max_completion_length=s["new_tokens"],
-            generation_kwargs={"min_new_tokens": s["new_tokens"]}, temperature=s["temperature"],
-            beta=s["beta"], learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=s["max_grad_norm"], activation_checkpointing=False, bf16=False, fp16=False,
-            model_init_kwargs={"dtype": torch.float32}, dataloader_num_workers=0, log_completions=False,
-        )
         trainer = GRPOTrainer(
-            model=tmp, reward_funcs=reward_model, args=args, processing_class=tok,
-            reward_processing_classes=word_tokenizer(cm["vocab_size"]),
+            model=tmp, reward_funcs=reward_model, args=grpo_args(s, os.path.join(tmp, "out"), rows, total, seed),
+            processing_class=tok, reward_processing_classes=word_tokenizer(cm["vocab_size"]),
             train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[timer],
         )
-        if trainer.ref_model is None or trainer.model.is_activation_checkpointing or trainer.args.bf16:
-            raise SystemExit("GRPOTrainer built no reference model, or checkpoints activations, or runs bf16")
-        lengths: set[int] = set()
-        generate_and_score = trainer._generate_and_score_completions
-
-        def checked(inputs):
-            out = generate_and_score(inputs)
-            lengths.update(out["completion_mask"].sum(1).tolist())
-            return out
-
-        trainer._generate_and_score_completions = checked
         log(f"trl round: {s['prompts']} prompts x {s['samples_per_prompt']}, {s['new_tokens']} new tokens, "
             f"{warmup} warm-up + {steps} timed steps, {torch.get_num_threads()} torch threads")
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its summary; stdout is the JSON line only
-            trainer.train()
-        wall = time.perf_counter() - t0
-    if len(timer.step_s) != total:
-        raise SystemExit(f"expected {total} steps, timed {len(timer.step_s)}")
-    if lengths != {s["new_tokens"]}:
-        raise SystemExit(f"completion lengths {sorted(set(lengths))}, expected exactly {s['new_tokens']}")
-    timed = timer.step_s[warmup:]
-    splits = [phase_split(ev, t) for ev, t in zip(timer.events[warmup:total], timed)]
-    split = {k: float(np.median([sp[k] for sp in splits])) for k in splits[0]}
+        result = train_timed(trainer, timer, s, warmup, steps, rows)
     return {
-        "figure": {"name": "completions_per_s", "unit": "completions per second, whole GRPOTrainer steps",
-                   **rate_stats(float(rows), timed)},
-        "phases_s": split,
-        "phase_shares": {k: v / sum(split.values()) for k, v in split.items()},
-        "completion_lengths_seen": sorted(set(lengths)),
-        "first_step_s": timer.step_s[0], "wall_s": wall,
+        **result,
         "config": {"rows": rows, "prompts": s["prompts"], "samples_per_prompt": s["samples_per_prompt"],
                    "prompt_len": s["prompt_len"], "new_tokens": s["new_tokens"], "beta": s["beta"],
                    "reference_model": True, "reward_model": "LlamaForSequenceClassification",
                    "gradient_checkpointing": False, "policy": m, "reward": cm},
+    }
+
+
+def exact_answer_on_text(prompts, completions, answer, **kwargs):
+    """selfplay.tasks.arithmetic.exact_answer, the reward ours calls, on each completion's text: TRL hands a
+    conversational prompt's completions over as message lists ([{"role": "assistant", "content": ...}]), ours as text."""
+    from selfplay.tasks.arithmetic import exact_answer  # numpy and PyYAML only: importable from this venv
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return exact_answer(prompts, texts, answer, **kwargs)
+
+
+def bench_smollm2(s: dict, model_dir: Path, prompts_file: Path, warmup: int, steps: int, seed: int, log) -> dict:
+    """GRPOTrainer on a Hugging Face checkpoint (benchmarks/peer/smollm2_hf.py's directory), its tokenizer and chat
+    template, the conversational prompts of `prompts_file` with their `answer` column, and the exact-answer reward
+    function ours uses; no reward model. The checkpoint's shape must be the config's model section."""
+    if s["epochs"] != 1 or s["minibatches"] != 1:
+        raise SystemExit("trl_grpo.py mirrors learner.epochs 1 and learner.minibatches 1 only")
+    from transformers import AutoConfig, AutoTokenizer
+    from trl import GRPOTrainer
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    torch.manual_seed(seed)
+    m, hf = s["model"], AutoConfig.from_pretrained(model_dir)
+    shape = {"n_layers": hf.num_hidden_layers, "d_model": hf.hidden_size, "n_heads": hf.num_attention_heads,
+             "n_kv_heads": hf.num_key_value_heads, "d_ff": hf.intermediate_size, "vocab_size": hf.vocab_size,
+             "tie_embeddings": hf.tie_word_embeddings}
+    if any(shape[k] != m[k] for k in shape):
+        raise SystemExit(f"{model_dir} is shaped {shape}, not as the config's model section {m}")
+    rows = s["prompts"] * s["samples_per_prompt"]
+    total = warmup + steps
+    data = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
+    timer = StepTimer()
+    profiling.ProfilingContext._log_metrics = lambda ctx, d: timer.record(ctx.name, d)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = GRPOTrainer(
+            model=str(model_dir), reward_funcs=[exact_answer_on_text], args=grpo_args(s, tmp, rows, total, seed),
+            processing_class=AutoTokenizer.from_pretrained(model_dir), train_dataset=Dataset.from_list(data),
+            callbacks=[timer],
+        )
+        log(f"trl smollm2: {model_dir}, {s['prompts']} prompts x {s['samples_per_prompt']} of {prompts_file}, "
+            f"{s['new_tokens']} new tokens, {warmup} warm-up + {steps} timed steps, "
+            f"{torch.get_num_threads()} torch threads")
+        result = train_timed(trainer, timer, s, warmup, steps, rows)
+    return {
+        **result,
+        "config": {"model_dir": str(model_dir), "prompts_file": str(prompts_file), "rows": rows, "prompts": s["prompts"],
+                   "samples_per_prompt": s["samples_per_prompt"], "new_tokens": s["new_tokens"], "beta": s["beta"],
+                   "lr": s["lr"], "reference_model": True, "reward_fn": "selfplay.tasks.arithmetic:exact_answer",
+                   "gradient_checkpointing": False, "policy": shape},
     }
 
 
@@ -265,8 +342,12 @@ def bench_decode(s: dict, warmup: int, steps: int, batch: int, seed: int, log) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["round", "decode"])
-    p.add_argument("--config", default=str(REPO / "configs" / "bench_reference.yaml"))
+    p.add_argument("mode", choices=["round", "decode", "smollm2"])
+    p.add_argument("--config", default=None,
+                   help="configs/bench_reference.yaml, or configs/bench_smollm2.yaml for smollm2 (the defaults)")
+    p.add_argument("--model-dir", default=None, help="smollm2 mode: the Hugging Face directory of smollm2_hf.py")
+    p.add_argument("--prompts", default=str(REPO / "benchmarks" / "peer" / "smollm2_prompts.jsonl"),
+                   help="smollm2 mode: conversational prompts with an `answer` column (JSON lines)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: bench.warmup)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: bench.iterations)")
     p.add_argument("--batch", type=int, default=1, help="decode mode: rows per generate call")
@@ -274,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the JSON line to this file")
     a = p.parse_args(argv)
+    if a.mode == "smollm2" and not a.model_dir:
+        p.error("smollm2 mode needs --model-dir (benchmarks/peer/smollm2_hf.py writes it)")
+    a.config = a.config or str(REPO / "configs" / ("bench_smollm2.yaml" if a.mode == "smollm2" else "bench_reference.yaml"))
     if a.threads:
         torch.set_num_threads(a.threads)
     s = load_shapes(Path(a.config))
@@ -289,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     if a.mode == "round":
         result = bench_round(s, warmup, steps, a.seed, log)
+    elif a.mode == "smollm2":
+        result = bench_smollm2(s, Path(a.model_dir), Path(a.prompts), warmup, steps, a.seed, log)
     else:
         result = bench_decode(s, warmup, steps, a.batch, a.seed, log)
     record = {
