@@ -264,9 +264,11 @@ def kl_is_loss_term(cfg: LearnerConfig) -> bool:
 
 
 def pi_old_from_loss(cfg: LearnerConfig) -> bool:
-    """One optimiser update (1 epoch x 1 minibatch) whose advantages do not read pi_old (grpo or rloo with KL as a loss
-    term): the loss's own forward is pi_old, so the update needs no separate teacher-forced pass (as TRL does)."""
-    return cfg.epochs * cfg.minibatches == 1 and kl_is_loss_term(cfg)
+    """The params stay pi_old through every minibatch of the call (1 epoch x 1 minibatch, or epochs x minibatches
+    micro-batches accumulated into one optimiser update by grad_accum) and the advantages do not read pi_old (grpo or
+    rloo with KL as a loss term): the loss's own forward is pi_old, so the update needs no separate teacher-forced pass
+    (as TRL does)."""
+    return cfg.epochs * cfg.minibatches in (1, cfg.grad_accum) and kl_is_loss_term(cfg)
 
 
 def _reference_kl_bt(cfg: LearnerConfig, x: AdvantageInputs) -> jax.Array:

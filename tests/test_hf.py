@@ -449,3 +449,20 @@ def test_the_config_transformers_writes_for_smollm2_is_accepted():
                          ("attention_dropout", False)):
         with pytest.raises(UserError, match=rf"{field}=.* is not supported for LlamaForCausalLM"):
             hf.model_config_from_hf(raw | {field: value}, path)
+
+
+def test_import_splits_the_update_into_micro_batches_only_for_a_large_vocabulary():
+    from selfplay.config import ActorConfig, LearnerConfig, ModelConfig
+    from selfplay.models.hf.importer import UPDATE_LOGITS_BUDGET, fit_learner
+
+    def model(vocab):
+        return ModelConfig(vocab_size=vocab, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=8192)
+
+    actor = ActorConfig()  # 16 x 4 rows of 128 + 128 tokens at most
+    assert fit_learner(LearnerConfig(), actor, model(1024)) == LearnerConfig()
+    big = fit_learner(LearnerConfig(), actor, model(49152))
+    rows, width = 64, max(actor.prompt_buckets) + actor.max_new_tokens
+    assert (big.minibatches, big.grad_accum) == (4, 4)  # one optimiser update a round, as before
+    assert rows // big.minibatches * width * 49152 <= UPDATE_LOGITS_BUDGET < rows // 2 * width * 49152
+    twice = fit_learner(LearnerConfig(epochs=2, minibatches=2, grad_accum=1), actor, model(49152))
+    assert (twice.minibatches, twice.grad_accum) == (4, 2)  # 4 updates a round before and after

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from selfplay import learner
+from selfplay import algorithms, learner
 from selfplay.algorithms import kl_k3, masked_mean
 from selfplay.config import ActorConfig, ConfigError, LearnerConfig, ModelConfig
 from selfplay.types import PtxRows, Rollout
@@ -459,6 +459,16 @@ def test_one_pass_equals_the_separate_pi_old_pass(algorithm):
         np.testing.assert_allclose(m_one[k], m_two[k], rtol=1e-5, atol=1e-6, err_msg=k)
     with pytest.raises(ValueError, match="single_pass needs"):
         make(dataclasses.replace(cfg, epochs=2), single_pass=True)
+
+    # two micro-batches accumulated into the one optimiser update: pi_old is still the loss's own forward
+    acc = dataclasses.replace(cfg, minibatches=2, grad_accum=2)
+    assert algorithms.pi_old_from_loss(acc) and not algorithms.pi_old_from_loss(dataclasses.replace(acc, grad_accum=1))
+    new_one, m_one = make(acc, actor_cfg=actor)(init(acc, random_policy(4, scale=0.5)), batch, jax.random.key(6))
+    new_two, m_two = make(acc, actor_cfg=actor, single_pass=False)(init(acc, random_policy(4, scale=0.5)), batch, jax.random.key(6))
+    np.testing.assert_allclose(new_one.params["table"], new_two.params["table"], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(new_one.params["table"], random_policy(4, scale=0.5)["table"]), "the update must apply"
+    for k in m_one:
+        np.testing.assert_allclose(m_one[k], m_two[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])

@@ -74,6 +74,7 @@ def test_the_gguf_imports_as_smollm2_with_its_tokenizer_and_chat_template(import
     m = cfg.model
     assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff) == (49152, 576, 30, 9, 3, 1536)
     assert m.tie_embeddings and m.rope_theta == 1e5 and m.norm_eps == 1e-5 and m.param_dtype == "float32"
+    assert (cfg.learner.minibatches, cfg.learner.grad_accum) == (4, 4)  # its 49 152-token logits, split to fit
     pol = load_policy(imported, cfg)
     tok = pol.tokenizer
     assert tok.eos_id == FIXTURE["eos_token_id"] == tok.tk.token_to_id("<|im_end|>")
@@ -147,7 +148,7 @@ def test_grpo_rounds_with_a_reward_function_train_and_resume_exactly(imported, t
     overrides = [f"run.prompts_file={prompts}", "reward.fns=[selfplay.tasks.arithmetic:exact_answer]",
                  "reward.critic_weight=0", "critic.refresh_every=0", "actor.prompts_per_round=2",
                  "actor.samples_per_prompt=2", "actor.max_new_tokens=8", "actor.prompt_buckets=[64]",
-                 "learner.minibatches=1", "run.eval_prompts=2", "run.checkpoint_every=1",
+                 "run.eval_prompts=2", "run.checkpoint_every=1",  # the import's 4 micro-batches: one row each
                  "mesh.data=1", "mesh.fsdp=-1"]  # params sharded over conftest's 8 fake devices: a replica on each needs 8x
     quiet = Console(quiet=True)
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -170,3 +171,6 @@ def test_grpo_rounds_with_a_reward_function_train_and_resume_exactly(imported, t
     rows = [json.loads(line) for line in (straight / "tb" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("rewards/exact_answer/mean" in r for r in rows)
     assert not (straight / "critic").exists() and not any("critic" in k for k in fa)
+    start = {k: np.asarray(v) for k, v in checkpoint.flatten_tree(load_policy(imported, load_run_config(imported, [])).params).items()}
+    trained = {k.removeprefix("learner/params/"): np.asarray(v) for k, v in fa.items() if k.startswith("learner/params/")}
+    assert trained.keys() == start.keys() and any(not np.array_equal(trained[k], start[k]) for k in start), "no update applied"

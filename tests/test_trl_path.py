@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from selfplay import checkpoint
+from selfplay.chat import load_chat_template
 from selfplay.cli import main
 from selfplay.critic import CRITIC_DIR
 from selfplay.jobs import generate
@@ -93,15 +94,22 @@ def _flat(params):
 def test_generate_writes_with_the_latest_round_or_the_checkpoint_asked_for(runs, monkeypatch, capsys):
     run = runs[0]
     used = []
-    real = generate.Generator
-    monkeypatch.setattr(generate, "Generator", lambda policy, *a, **k: used.append(_flat(policy.params)) or real(policy, *a, **k))
+    real, asked = generate.Generator, []
+
+    def spy(policy, *a, **k):
+        used.append(_flat(policy.params))
+        gen = real(policy, *a, **k)
+        gen.generate = lambda prompts, *ga, _orig=gen.generate, **gk: asked.append(prompts) or _orig(prompts, *ga, **gk)
+        return gen
+
+    monkeypatch.setattr(generate, "Generator", spy)
     flat, _ = _final(run)
     round_2 = {k.removeprefix("learner/params/"): np.asarray(v) for k, v in flat.items() if k.startswith("learner/params/")}
     sft = _flat(load_policy(run).params)
     args = ["generate", "--run-dir", str(run), "--prompt", "What is 2 plus 2?", "actor.max_new_tokens=4"]
 
     capsys.readouterr()
-    cases = (([], "round 2", round_2), (["--checkpoint", "0"], "the SFT policy", sft), (["--checkpoint", "1"], "round 1", None))
+    cases = (([], "round 2", round_2), (["--checkpoint", "0"], "the SFT or imported policy", sft), (["--checkpoint", "1"], "round 1", None))
     for extra, line, want in cases:
         assert main([*args, *extra]) == 0
         out, err = capsys.readouterr()
@@ -110,6 +118,7 @@ def test_generate_writes_with_the_latest_round_or_the_checkpoint_asked_for(runs,
             assert used[-1].keys() == want.keys()
             assert all(np.array_equal(used[-1][k], want[k]) for k in want)
     assert any(not np.array_equal(round_2[k], sft[k]) for k in sft), "two rounds must have moved the policy"
+    assert asked[0] == [load_chat_template(run).render([{"role": "user", "content": "What is 2 plus 2?"}])]  # a user turn
     assert any(not np.array_equal(used[2][k], used[0][k]) for k in sft), "round 1's params are not round 2's"
 
     assert main([*args, "--checkpoint", "5"]) == 2
@@ -119,4 +128,4 @@ def test_generate_writes_with_the_latest_round_or_the_checkpoint_asked_for(runs,
     assert main(["import-hf", str(INSTRUCT), str(bare)]) == 0
     capsys.readouterr()
     assert main(["generate", "--run-dir", str(bare), "--prompt", "hi", "actor.max_new_tokens=2"]) == 0
-    assert capsys.readouterr().err == f"generating with the SFT policy of {bare}\n"  # no round saved: the imported policy
+    assert capsys.readouterr().err == f"generating with the SFT or imported policy of {bare}\n"  # no round saved

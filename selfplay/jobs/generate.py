@@ -23,24 +23,27 @@ from selfplay.world import World
 def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None, prompts_file: str | None, seed: int,
         step: int | None = None) -> int:
     """Print one JSON line per prompt, written by round `step`'s policy (None: the latest saved round, else the SFT
-    policy; 0: the SFT policy); which one goes to stderr."""
+    policy; 0: the SFT policy); which one goes to stderr. With a chat template in the run (an imported chat model),
+    --prompt is sent as a user turn."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     world = World.from_config(cfg.world)
-    if prompt is not None:
-        prompts = [prompt]
+    chat = load_chat_template(run_dir)
+    if prompt is not None:  # a chat model is asked as a user, in its own template, as a prompts file's conversations are
+        prompts = [chat.render([{"role": "user", "content": prompt}]) if chat else prompt]
     elif prompts_file is not None:
-        prompts = read_prompts(prompts_file, load_chat_template(run_dir))
+        prompts = read_prompts(prompts_file, chat)
     else:
         if n < 1:
             raise UserError(f"--n must be >= 1, got {n}")
         prompts = world.sample_prompts(n, np.random.default_rng([seed, 7]), "mixed")
+    shown = [prompt] if prompt is not None else prompts
     step, policy = load_round_policy(run_dir, cfg, step)
-    print(f"generating with {f'round {step}' if step else 'the SFT policy'} of {run_dir}", file=sys.stderr, flush=True)
+    print(f"generating with {f'round {step}' if step else 'the SFT or imported policy'} of {run_dir}", file=sys.stderr, flush=True)
     gen = Generator(policy, cfg.actor, batch=min(len(prompts), cfg.actor.prompts_per_round))
     essays = gen.generate(prompts, jax.random.key(seed))
-    for p, e in zip(prompts, essays):
-        row: dict = {"prompt": p, "essay": e}
+    for p, shown_p, e in zip(prompts, shown, essays):
+        row: dict = {"prompt": shown_p, "essay": e}
         if world.parse_prompt(p) is not None:
             row["gold"] = world.grade(p, e).to_dict()
         print(json.dumps(row), flush=True)

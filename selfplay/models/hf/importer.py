@@ -9,7 +9,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from selfplay.config import ActorConfig, Config, ModelConfig, UserError
+from selfplay.config import ActorConfig, Config, LearnerConfig, ModelConfig, UserError
 from selfplay.models.hf.directory import write_json
 from selfplay.models.hf.export import HF_CONFIG_FILE, generation_config
 from selfplay.models.hf.load import model_config, open_checkpoint, read_params
@@ -25,9 +25,30 @@ def fit_actor(actor: ActorConfig, model: ModelConfig) -> ActorConfig:
     return dataclasses.replace(actor, max_new_tokens=new, prompt_buckets=buckets)
 
 
+# float32 logits one micro-batch of the update may hold (1 GiB): the backward keeps several [rows, tokens, vocab] buffers
+# alive, so a large vocabulary at the default batch needs the rows split (measured: SmolLM2-135M's 49 152 tokens at 64
+# rows of 192 tokens asked XLA for 36 GB in one update step; in 4 micro-batches the whole run peaked at 13 GB).
+UPDATE_LOGITS_BUDGET = 2**28
+
+
+def fit_learner(learner: LearnerConfig, actor: ActorConfig, model: ModelConfig) -> LearnerConfig:
+    """`learner` with its minibatches (and grad_accum, by the same factor, so a round still makes the same number of
+    optimiser updates) multiplied by the smallest k that divides the round's rows into micro-batches whose logits fit
+    `UPDATE_LOGITS_BUDGET`; unchanged where they already fit."""
+    rows = actor.prompts_per_round * actor.samples_per_prompt
+    per_row = (max(actor.prompt_buckets) + actor.max_new_tokens) * model.vocab_size
+    k = 1
+    while k * learner.minibatches < rows and (rows % (k * learner.minibatches) or rows // (k * learner.minibatches) * per_row > UPDATE_LOGITS_BUDGET):
+        k += 1
+    if k == 1:
+        return learner
+    return dataclasses.replace(learner, minibatches=learner.minibatches * k, grad_accum=learner.grad_accum * k)
+
+
 def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     """Make `run_dir` an initial policy from `src` (a Hugging Face directory or a .gguf file): config.yaml (default
-    config, model section from the checkpoint, the actor's lengths fitted into its context), tokenizer.json, the
+    config, model section from the checkpoint, the actor's lengths fitted into its context, the update's micro-batches
+    to its vocabulary: `fit_actor`, `fit_learner`), tokenizer.json, the
     params as an orbax checkpoint in policy/, the source's config (a GGUF file's as the config.json it maps to) as
     hf_config.json, generation_config.json with the special ids the tokenizer resolved (so every later job reading
     tokenizer.json uses the same ones), and tokenizer_config.json when the source has one or a chat template.
@@ -42,7 +63,8 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
         ck = open_checkpoint(src, stack)
         model_cfg, arch = model_config(ck)
         params, _ = read_params(ck, model_cfg, arch)
-    cfg = dataclasses.replace(Config(), model=model_cfg, actor=fit_actor(ActorConfig(), model_cfg)).validate()
+    actor = fit_actor(ActorConfig(), model_cfg)
+    cfg = dataclasses.replace(Config(), model=model_cfg, actor=actor, learner=fit_learner(LearnerConfig(), actor, model_cfg)).validate()
     # Before the policy: a run directory with a policy is complete, and its special ids must already be there.
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / HF_CONFIG_FILE, ck.config)
