@@ -225,6 +225,15 @@ def test_critic_weight_0_with_refreshes_trains_and_logs_a_critic_it_never_reward
     flat, meta = _final_flat(run)
     assert int(flat["critic/step"]) == 2 and meta["critic"]["refreshes"] == 1  # critic.refresh_steps from untrained
 
+    # A run of weight 0 saved before runs without a critic existed kept an unused critic in every checkpoint: its
+    # resume is refused with what happened, and nothing is moved aside as damaged.
+    saved = (run / "config.yaml").read_text()
+    assert "refresh_every: 2" in saved
+    (run / "config.yaml").write_text(saved.replace("refresh_every: 2", "refresh_every: 0"))
+    with pytest.raises(UserError, match=r"round 2 was saved with a critic, but this run has none"):
+        train(run, None, ["run.rounds=3"], progress=False, console=Console(quiet=True))
+    assert not (run / "checkpoints.damaged").exists() and _final_flat(run)[1]["round"] == 2
+
 
 def test_tensorboard_shows_the_sft_and_critic_curves(prepared):
     sft_report = json.loads((prepared / "sft_report.json").read_text())

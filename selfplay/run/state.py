@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from selfplay import checkpoint, learner
-from selfplay.config import Config
+from selfplay.config import Config, UserError
 from selfplay.critic import Critic, host_meta, restore_host
 from selfplay.data import ExampleStream, PromptStream
 from selfplay.monitors import Monitor
@@ -62,6 +62,14 @@ class RunState:
         """Replace every part by checkpoint `step`'s: arrays come back with the shapes, dtypes and shardings of the
         current ones (so a run resumes on another mesh), then the host side. A damaged step (unreadable, or not
         finite) raises CheckpointError before anything is replaced."""
+        saved_critic = "critic" in ckpt.restore_meta(step)
+        if saved_critic != (self.critic is not None):  # not damage: a checkpoint of another kind of run
+            raise UserError(
+                f"{ckpt.directory}: round {step} was saved {'with' if saved_critic else 'without'} a critic, but this run "
+                f"has {'none (reward.critic_weight 0, no refreshes)' if self.critic is None else 'one'}; runs with "
+                "critic_weight 0 saved an unused critic before 2026-12-06: resume those with that version, or start a "
+                "new run directory"
+            )
         template = abstract(self.arrays())
         flat, meta = ckpt.restore(step, checkpoint.flatten_tree(template))
         restored = checkpoint.unflatten_like(template, flat)
