@@ -428,7 +428,10 @@ class RunConfig:
     # A line's other keys (e.g. "answer") reach the reward.fns as columns.
     prompts_file: str = ""
     pairs_file: str = ""  # JSONL preference pairs for the initial critic (with critic.label_source=file)
-    reward_source: Literal["critic", "gold"] = "critic"  # gold: train on the gold grader itself (an ablation)
+    # gold: train on the gold grader itself (an ablation). none: the control arm -- every reward is 0, so GRPO/RLOO
+    # advantages are 0 and the update is the KL and pretraining-data (learner.ptx_coef) terms alone, on the same
+    # rollouts, prompts, human examples and number of updates as the other arms: what "more SFT" does without a reward.
+    reward_source: Literal["critic", "gold", "none"] = "critic"
     # Fine-Grained RLHF's dense credit, added to each token's advantage: learner.token_credit_coef x the credit of the span
     # holding the token, from the gold grader's verdict on each sentence (selfplay.world.grader.SENTENCE_CREDIT: +1 a
     # correct asked fact, -1 a hallucinated, repeated, unparsed or off-topic sentence, 0 else). gold_sentence: the whole
@@ -641,6 +644,7 @@ class Config:
         check_batch_minibatches(self.actor, self.learner)
         check_group_std(self.actor, self.learner)
         check_reward_source(self.run)
+        check_control_arm(self.run, self.reward, self.learner)
         check_ptx_source(self.learner, self.run)
         return self
 
@@ -754,6 +758,17 @@ def check_reward_source(run: RunConfig) -> None:
         raise ConfigError(f"run.reward_source=gold needs the essay world, not run.task={run.task}")
     if run.prompts_file and run.task != "essays":
         raise ConfigError(f"run.prompts_file replaces the essay world's prompts; run.task={run.task} brings its own")
+
+
+def check_control_arm(run: RunConfig, reward: RewardConfig, learner: LearnerConfig) -> None:
+    """run.reward_source=none trains on no reward at all: reward functions would be one, and without the
+    pretraining-data term nothing but the KL pull would move the policy."""
+    if run.reward_source != "none":
+        return
+    if reward.fns:
+        raise ConfigError("run.reward_source=none is the control arm (no reward at all); drop reward.fns, or use another source")
+    if learner.ptx_coef <= 0:
+        raise ConfigError("run.reward_source=none trains on the human-data term alone: set learner.ptx_coef > 0")
 
 
 def check_ptx_source(learner: LearnerConfig, run: RunConfig) -> None:

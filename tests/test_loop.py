@@ -235,6 +235,29 @@ def test_critic_weight_0_with_refreshes_trains_and_logs_a_critic_it_never_reward
     assert not (run / "checkpoints.damaged").exists() and _final_flat(run)[1]["round"] == 2
 
 
+def test_the_control_arm_trains_like_the_default_minus_the_reward(prepared, tmp_path):
+    """run.reward_source=none: the same rollouts, human-example stream and number of updates as the critic-rewarded
+    run, every advantage 0, so only the pretraining-data and KL terms move the policy."""
+    quiet = Console(quiet=True)
+    ptx = ["run.rounds=2", "learner.ptx_coef=0.5", "learner.ptx_batch=4"]
+    arms = {}
+    for source in ("critic", "none"):
+        run = _copy(prepared, tmp_path, source)
+        train(run, None, [*ptx, f"run.reward_source={source}"], progress=False, console=quiet)
+        arms[source] = (_rows(run), *_final_flat(run))
+    (rows_c, flat_c, meta_c), (rows_n, flat_n, meta_n) = arms["critic"], arms["none"]
+    assert [r["step"] for r in rows_n] == [1, 2]
+    assert all(r["advantages/std"] == 0.0 and r["loss/policy"] == 0.0 and r["loss/ptx"] > 0 for r in rows_n)
+    assert all(r["advantages/std"] > 0 for r in rows_c)
+    assert meta_n["ptx_position"] == meta_c["ptx_position"] > 0 and meta_n["prompt_position"] == meta_c["prompt_position"]
+    counts = [k for k in flat_n if k.endswith("count")]
+    assert counts and all(np.array_equal(flat_n[k], flat_c[k]) for k in counts)  # the same optimiser updates
+    moved = [k for k in flat_n if k.startswith("learner/params/") and not np.array_equal(flat_n[k], flat_c[k])]
+    assert moved, "the reward must make a difference"
+    with pytest.raises(ConfigError, match="set learner.ptx_coef > 0"):
+        train(_copy(prepared, tmp_path, "bad"), None, ["run.reward_source=none"], progress=False, console=quiet)
+
+
 def test_tensorboard_shows_the_sft_and_critic_curves(prepared):
     sft_report = json.loads((prepared / "sft_report.json").read_text())
     curves = {}
