@@ -179,8 +179,11 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     essays, grades, credits_bl = graded.result()
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
-    train_rewards = {"gold": lambda: steps.place_batch(gold_b), "critic": lambda: critic_b,
-                     "none": lambda: steps.place_batch(np.zeros(len(essays), np.float32))}[cfg.run.reward_source]()
+    train_rewards = critic_b
+    if cfg.run.reward_source == "gold":
+        train_rewards = steps.place_batch(gold_b)
+    elif cfg.run.reward_source == "none":  # the control arm
+        train_rewards = steps.place_batch(np.zeros(len(essays), np.float32))
     r_fb = total_b = None
     if not setup.rewards.critic_only:  # a failing reward function stops the round here, before the update
         r_fb = sw("timing/reward_fns", setup.rewards.call, rep, essays, task.columns(idx, g), rnd)
