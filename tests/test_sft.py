@@ -35,6 +35,30 @@ def test_pretrain_lowers_loss_and_saves(tiny_run):
     assert policy.tokenizer.vocab_size <= cfg.model.vocab_size
 
 
+def test_sft_reports_held_out_gold_along_the_way_deterministically(tiny_run, tmp_path):
+    """pretrain.gold_every: the gold grader's figures on the table's held-out prompts at steps 20 and 30 (the last), in
+    sft_report.json and TensorBoard; a second pretraining with the same seed reports the same figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = json.loads((tiny_run / "sft_report.json").read_text())
+    judged = [r for r in report["history"] if "heldout_gold" in r]
+    assert [r["step"] for r in judged] == [20, 30]
+    assert report["heldout_gold"] == judged[-1]["heldout_gold"]
+    assert {"gold/score", "gold/coverage", "gold/hallucination_rate", "diversity/distinct_2"} <= set(report["heldout_gold"])
+    acc = EventAccumulator(str(tiny_run / "tb" / "sft"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("sft/gold/score")] == [
+        (r["step"], pytest.approx(r["heldout_gold"]["gold/score"], rel=1e-6)) for r in judged]
+    again = tmp_path / "again"
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(again), "--no-progress"]) == 0
+    twice = json.loads((again / "sft_report.json").read_text())
+    assert [r.get("heldout_gold") for r in twice["history"]] == [r.get("heldout_gold") for r in report["history"]]
+    other = tmp_path / "other"
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(other), "--no-progress",
+                 "run.seed=1"]) == 0
+    assert json.loads((other / "sft_report.json").read_text())["heldout_gold"] != report["heldout_gold"]
+
+
 def test_generate_prints_json_lines_with_gold(tiny_run, capsys, tmp_path):
     assert main(["generate", "--run-dir", str(tiny_run), "--n", "3", "actor.temperature=0.7"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

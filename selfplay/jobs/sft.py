@@ -4,7 +4,10 @@ worked examples, run.task=arithmetic).
 Next-token loss on the essay tokens only (prompt tokens are context); AdamW with warm-up and cosine
 decay, gradient clipping; held-out perplexity; the policy is saved to the run directory, then (in the world) a batch
 of sampled essays is graded by the gold grader, so the report shows what flaws the policy inherited.
-The loss and held-out perplexity curves go to RUN_DIR/tb/sft (TensorBoard: sft/loss, sft/perplexity).
+In the world the policy is also judged along the way where it matters, by the gold grader on the table's held-out
+prompts (pretrain.gold_every), so the report shows where more human data stops helping.
+The curves go to RUN_DIR/tb/sft (TensorBoard: sft/loss, sft/perplexity, sft/gold/score and the other gold sub-scores,
+sft/diversity/distinct_2) and to sft_report.json.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from selfplay.config import Config, PretrainConfig, UserError
 from selfplay.data import minibatches
 from selfplay.models import transformer
 from selfplay.policy import POLICY_DIR, Policy, clear_incomplete_policy, has_policy, init_policy, save_policy
-from selfplay.run.task import sft_corpus
+from selfplay.monitors import diversity
+from selfplay.run.task import EVAL_PROMPTS_SEED, EVAL_SAMPLES_PER_PROMPT, sft_corpus, world_eval_prompts
 from selfplay.tokenizer import Tokenizer
 from selfplay.tracking import ProgressBar, Tracker
 from selfplay.world import World, mean_scores
@@ -159,11 +163,13 @@ def fit(
     cfg: Config, graphdef: Any, params: Any, train: Packed, held: Packed, rng: np.random.Generator, *,
     desc: str = "pretrain", progress: bool = True, log: Callable[[str], None] = print, console: Console | None = None,
     fns: tuple[optax.GradientTransformation, Callable, Callable] | None = None,
+    judge: Callable[[Any], dict] | None = None,
 ) -> tuple[Any, list[dict], float]:
     """pretrain.steps of next-token training on the packed `train` rows from `params` (minibatches drawn by `rng`);
     returns (params, history: a row every 10 steps, with the held-out perplexity every pretrain.eval_every steps,
     the held-out perplexity before the first step). `fns`: (optimizer, train_step, eval_nll) of `sft_fns`, compiled
-    once by a caller that trains many models of one shape; default: built here from `cfg.pretrain`."""
+    once by a caller that trains many models of one shape; default: built here from `cfg.pretrain`. `judge`: params ->
+    figures (`heldout_judge`), called every pretrain.gold_every steps and at the last, kept as the row's "heldout_gold"."""
     pcfg = cfg.pretrain
     optimizer, train_step, eval_nll = fns or sft_fns(graphdef, pcfg)
     opt_state = optimizer.init(params)
@@ -172,7 +178,7 @@ def fit(
     history: list[dict] = []
     ppl0 = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
     with ProgressBar(desc, pcfg.steps, enabled=progress, console=console) as bar:
-        loss_ema = None
+        loss_ema = last_gold = None
         for step in range(1, pcfg.steps + 1):
             idx = next(batches)
             params, opt_state, m = train_step(params, opt_state, _rows(train, idx))
@@ -187,8 +193,15 @@ def fit(
                     row["heldout_ppl"] = heldout_perplexity(eval_nll, params, held, pcfg.batch_size)
                     if not progress:
                         log(f"{desc} step {step}/{pcfg.steps}: loss {loss:.3f}, held-out perplexity {row['heldout_ppl']:.3f}")
+                if judge is not None and ((pcfg.gold_every and step % pcfg.gold_every == 0) or step == pcfg.steps):
+                    row["heldout_gold"] = judge(params)
+                    if not progress:
+                        log(f"{desc} step {step}/{pcfg.steps}: held-out gold {row['heldout_gold']['gold/score']:.3f}")
                 history.append(row)
                 status = f"loss {loss_ema:.3f}" + (f"  held-out ppl {row['heldout_ppl']:.2f}" if "heldout_ppl" in row else "")
+                if "heldout_gold" in row:
+                    last_gold = row["heldout_gold"]["gold/score"]
+                status += f"  gold {last_gold:.3f}" if last_gold is not None else ""
             bar.update(1, status)
     return params, history, ppl0
 
@@ -222,14 +235,15 @@ def pretrain(
             "raise world.corpus_size or pretrain.heldout_fraction, or lower pretrain.batch_size"
         )
 
+    world = World.from_config(cfg.world) if cfg.run.task == "essays" else None
+    judge = heldout_judge(cfg, policy, world) if world is not None else None
     params, history, ppl0 = fit(cfg, policy.graphdef, policy.params, train, held, np.random.default_rng([cfg.run.seed, 1]),
-                                progress=progress, log=log, console=console)
+                                progress=progress, log=log, console=console, judge=judge)
     train_seconds = time.perf_counter() - t0
 
     policy.params = params
     save_policy(run_dir, cfg, tokenizer, params, meta={"kind": "sft", "steps": pcfg.steps})
 
-    world = World.from_config(cfg.world) if cfg.run.task == "essays" else None
     gold = sample_and_grade(policy, world, cfg, n=pcfg.sample_essays, seed=cfg.run.seed + 12345) if world is not None else None
     report = {
         "steps": pcfg.steps,
@@ -242,6 +256,7 @@ def pretrain(
         "final_loss": history[-1]["loss"],
         "vocab_size": tokenizer.vocab_size,
         "gold": gold,
+        "heldout_gold": history[-1].get("heldout_gold"),
         "history": history,
     }
     (run_dir / "sft_report.json").write_text(json.dumps(report, indent=2))
@@ -249,7 +264,8 @@ def pretrain(
         tb.scalars(0, {"sft/perplexity": ppl0})
         for row in history:
             tb.scalars(row["step"], {"sft/loss": row["loss"], "sft/lr": row["lr"], "sft/grad_norm": row["grad_norm"]}
-                       | ({"sft/perplexity": row["heldout_ppl"]} if "heldout_ppl" in row else {}))
+                       | ({"sft/perplexity": row["heldout_ppl"]} if "heldout_ppl" in row else {})
+                       | {f"sft/{k}": v for k, v in row.get("heldout_gold", {}).items() if k in JUDGED})
     log(
         f"pretrain: {pcfg.steps} steps in {train_seconds:.0f} s; held-out perplexity {ppl0:.1f} -> {report['heldout_ppl']:.2f}; "
         f"policy saved to {run_dir / 'policy'}"
@@ -257,7 +273,32 @@ def pretrain(
     shown = ("score", "coverage", "hallucination_rate", "repetition_rate", "structure", "fluency")
     if gold is not None:
         log(f"gold sub-scores of {pcfg.sample_essays} sampled essays: " + ", ".join(f"{k} {gold[k]:.3f}" for k in shown))
+    if report["heldout_gold"] is not None:
+        curve = ", ".join(f"{r['step']}: {r['heldout_gold']['gold/score']:.3f}" for r in history if "heldout_gold" in r)
+        log(f"held-out gold along the way (step: score): {curve}")
     return report
+
+
+# The figures `heldout_judge` reports (TensorBoard sft/<name>): the gold score and the sub-scores of the table.
+JUDGED = ("gold/score", "gold/coverage", "gold/hallucination_rate", "gold/contradiction_rate", "gold/unsupported_rate",
+          "gold/repetition_rate", "gold/fluency", "gold/structure", "diversity/distinct_2")
+
+
+def heldout_judge(cfg: Config, policy: Policy, world: World) -> Callable[[Any], dict]:
+    """params -> the gold grader's mean sub-scores ("gold/score", "gold/coverage", ...) and the diversity of two essays for each of
+    the table's held-out prompts, sampled at actor.temperature with the table's seed: deterministic for a seed, and
+    the same draws every time it is called (the same figures for the same params)."""
+    prompts = world_eval_prompts(cfg, world)
+    gen = Generator(policy, cfg.actor, batch=min(len(prompts), cfg.actor.prompts_per_round))
+    key = jax.random.fold_in(jax.random.key(cfg.run.seed), EVAL_PROMPTS_SEED)
+    g = EVAL_SAMPLES_PER_PROMPT
+
+    def judge(params: Any) -> dict:
+        essays = gen.generate(prompts, key, samples_per_prompt=g, params=params)
+        scores = mean_scores([world.grade(prompts[i // g], e) for i, e in enumerate(essays)])
+        return {f"gold/{k}": v for k, v in scores.items()} | diversity(essays)
+
+    return judge
 
 
 def sample_and_grade(policy: Policy, world: World, cfg: Config, *, n: int, seed: int) -> dict:

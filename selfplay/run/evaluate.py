@@ -21,12 +21,11 @@ from selfplay.data import fixed_chunks
 from selfplay.monitors import diversity
 from selfplay.run.round import Setup, pair_agreement
 from selfplay.run.setup import CHECKPOINT_DIR, build, resolve_config, start_distributed
-from selfplay.run.task import EVAL_PROMPTS_SEED
+from selfplay.run.task import EVAL_PROMPTS_SEED, EVAL_SAMPLES_PER_PROMPT
 from selfplay.world import mean_scores
 
 EVAL_FILE = "eval.json"
 SFT_EVAL_FILE = "eval_sft.json"
-EVAL_SAMPLES_PER_PROMPT = 2  # two essays per prompt: pairs for the critic's agreement with gold
 CRITIC_KEYS = ("reward/mean", "reward/raw_mean", "critic/accuracy")
 
 TABLE_ROWS = [

@@ -20,6 +20,7 @@ from selfplay.world import World
 
 TRAIN_PROMPTS_SEED = 0x7EA1
 EVAL_PROMPTS_SEED = 0xE7A1
+EVAL_SAMPLES_PER_PROMPT = 2  # the table's essays per held-out prompt: pairs for the critic's agreement with gold
 PTX_SEED = 0x97
 
 
@@ -74,8 +75,12 @@ def make_task(cfg: Config, run_dir: str | Path) -> Task:
         return Task(prompts[train], prompts[:n_eval], None, columns[train], columns[:n_eval])
     world = World.from_config(cfg.world)
     train = world.sample_prompts(cfg.run.train_prompts, np.random.default_rng([cfg.run.seed, TRAIN_PROMPTS_SEED]))
-    evals = world.sample_prompts(cfg.run.eval_prompts, np.random.default_rng([cfg.run.seed, EVAL_PROMPTS_SEED]))
-    return Task(train, evals, world)
+    return Task(train, world_eval_prompts(cfg, world), world)
+
+
+def world_eval_prompts(cfg: Config, world: World) -> list[str]:
+    """The table's held-out world prompts (also SFT's held-out gold along the way)."""
+    return world.sample_prompts(cfg.run.eval_prompts, np.random.default_rng([cfg.run.seed, EVAL_PROMPTS_SEED]))
 
 
 def sft_corpus(cfg: Config) -> tuple[list[tuple[str, str]], int, str]:
