@@ -633,3 +633,23 @@ def test_labeller_state_round_trip(world: World):
     assert (a.label_batch(*ties) == b.label_batch(*ties)).all()
     assert a.state_dict() == b.state_dict()
     assert all(isinstance(v, (int, str)) for v in state["rng"].values() if not isinstance(v, dict))
+
+
+def test_a_repeat_costs_the_same_whatever_the_essays_length(world: World):
+    """grader.REPEAT_COST: one repeated sentence costs W_REPETITION * REPEAT_COST of a perfect essay's score however
+    many sentences it has (it cost W_REPETITION / sentences before, which a gold-rewarded learner bought length with);
+    a second repeat costs as much again, a third nothing more."""
+    rng = np.random.default_rng(21)
+    one_repeat = grader.W_REPETITION * grader.REPEAT_COST
+    for n_facts in (2, 5):
+        for _ in range(30):
+            p = _prompt(world, rng, n_facts)
+            sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+            losses = []
+            for k in (1, 2, 3):
+                bad = sents[:-1] + [sents[1 + i % (len(sents) - 2)] for i in range(k)] + sents[-1:]
+                s = world.grade(p.text, " ".join(bad))
+                assert s.n_repeated == k and s.fluency == 1.0
+                if s.n_words <= grader.MAX_WORDS:
+                    losses.append(1.0 - s.score)
+            assert losses and losses == pytest.approx([one_repeat, 2 * one_repeat, 2 * one_repeat][: len(losses)])

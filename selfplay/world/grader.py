@@ -24,6 +24,11 @@ W_LENGTH = 0.05
 # Full credit (the grader before 2026-12-03) paid an essay of an introduction and a conclusion about 0.70, above the
 # SFT policy's mean, for saying nothing; zero would let a first wrong claim cost nothing (see `grade`).
 NO_CLAIM_HONESTY = 0.5
+# What a repeated sentence costs: this share of the repetition credit, whatever the essay's length (two repeats lose all
+# of it). Until 2026-12-06 the term was W_REPETITION * (1 - repeated / sentences): one repeat in a ten-sentence essay
+# cost 0.01, so a gold-rewarded learner bought length (and coverage) with repeats and doubled its repetition rate.
+# A reader notices a repeat in a long essay as much as in a short one.
+REPEAT_COST = 0.5
 MIN_WORDS = 15  # a perfect two-fact essay has at least 18 words
 MAX_WORDS = 100  # the longest human essays have about 85 words
 LENGTH_BAND = (MIN_WORDS, MAX_WORDS)
@@ -102,7 +107,8 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     Gold sub-scores (`GoldScores`), for a prompt about topic T of kind K. A sentence's *subject* is its
     `{name}` slot; every template has one.
 
-      repetition_rate  repeated sentences / sentences. A sentence is a repeat when its text (whitespace
+      repetition_rate  repeated sentences / sentences (reported; the score charges each repeat, see below). A
+                       sentence is a repeat when its text (whitespace
                        collapsed) equals an earlier sentence's, or when it is a fact sentence restating an
                        earlier fact (same subject, attribute and value) with another template. Repeats are
                        counted here only; every other count below is over the *distinct* sentences.
@@ -131,7 +137,7 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     The gold score, in [0, 1]:
 
       score = W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
-              + fluency * (W_HALLUCINATION * honesty + W_REPETITION * (1 - repetition_rate)
+              + fluency * (W_HALLUCINATION * honesty + W_REPETITION * max(0, 1 - REPEAT_COST * n_repeated)
                            + W_RELEVANCE * relevance + W_LENGTH * length)
 
     The weights sum to 1, so an essay that states every asked fact correctly, claims nothing else,
@@ -141,7 +147,8 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
     Each flaw moves only its own sub-score; the total moves with it. Closed-book honesty: adding a
     wrong claim to k >= 1 correct ones costs W_HALLUCINATION / (k + 1) and gains nothing, and to none costs
     W_HALLUCINATION * NO_CLAIM_HONESTY (more than the length and repetition terms can give back), so an essay
-    that claims less beats one that invents.
+    that claims less beats one that invents. Repeats: each repeated sentence costs W_REPETITION * REPEAT_COST (0.05,
+    times fluency) whatever the essay's length, up to W_REPETITION for two or more.
 
     No free credit: an essay that states nothing about its topic scores at most
     W_STRUCTURE + W_FLUENCY + W_HALLUCINATION * NO_CLAIM_HONESTY + W_REPETITION + W_RELEVANCE + W_LENGTH = 0.575
@@ -210,7 +217,7 @@ def grade_sentences(world: World, prompt: Prompt, essay: str) -> tuple[GoldScore
     length = length_score(n_words)
     score = (
         W_COVERAGE * coverage + W_STRUCTURE * structure + W_FLUENCY * fluency
-        + fluency * (W_HALLUCINATION * honesty + W_REPETITION * (1.0 - repetition)
+        + fluency * (W_HALLUCINATION * honesty + W_REPETITION * max(0.0, 1.0 - REPEAT_COST * n_repeated)
                      + W_RELEVANCE * relevance + W_LENGTH * length)
     )
     scores = GoldScores(
