@@ -165,6 +165,19 @@ def rloo_advantages(rewards_b: jax.Array, group_size: int) -> jax.Array:
     return (r_ng - others_ng).reshape(-1)
 
 
+def expert_iteration_keep(rewards_b: jax.Array, group_size: int, keep: int) -> jax.Array:
+    """Expert iteration's filter (ReST, RAFT, rejection-sampling fine-tuning): 1.0 on the `keep` rows of each group
+    with the highest reward, 0.0 elsewhere; ties go to the row sampled first. A group whose rewards are all equal keeps
+    nothing: it tells no essay from another. `[B]`."""
+    if not 1 <= keep < group_size:
+        raise ValueError(f"expert iteration keeps 1 to G - 1 of each group of G = {group_size}, got {keep}")
+    r_ng = _groups(rewards_b, group_size)
+    order_ng = jnp.argsort(-r_ng, axis=1, stable=True)  # best first; equal rewards in sampling order
+    rank_ng = jnp.argsort(order_ng, axis=1)
+    decided_n1 = r_ng.max(axis=1, keepdims=True) > r_ng.min(axis=1, keepdims=True)
+    return ((rank_ng < keep) & decided_n1).astype(jnp.float32).reshape(-1)
+
+
 def _reverse_cumsum(x_bt: jax.Array) -> jax.Array:
     """out[:, t] = sum_{s >= t} x[:, s]."""
     return jnp.cumsum(x_bt[:, ::-1], axis=1)[:, ::-1]
@@ -260,7 +273,7 @@ class Advantages(NamedTuple):
 
 def kl_is_loss_term(cfg: LearnerConfig) -> bool:
     """Whether beta*KL is added to the policy loss (else it is folded into the reward by the estimator)."""
-    return cfg.algorithm in ("grpo", "rloo") and not cfg.kl_in_reward
+    return cfg.algorithm in ("grpo", "rloo", "expert_iteration") and not cfg.kl_in_reward
 
 
 def pi_old_from_loss(cfg: LearnerConfig) -> bool:
@@ -268,6 +281,8 @@ def pi_old_from_loss(cfg: LearnerConfig) -> bool:
     micro-batches accumulated into one optimiser update by grad_accum) and the advantages do not read pi_old (grpo or
     rloo with KL as a loss term): the loss's own forward is pi_old, so the update needs no separate teacher-forced pass
     (as TRL does)."""
+    if cfg.algorithm == "expert_iteration":  # its loss never reads pi_old: the NLL of the kept rows
+        return True
     return cfg.epochs * cfg.minibatches in (1, cfg.grad_accum) and kl_is_loss_term(cfg)
 
 
@@ -294,6 +309,12 @@ def _rloo(cfg: LearnerConfig, x: AdvantageInputs, group_size: int, kl_coef: jax.
     return Advantages(broadcast_to_tokens(adv_b, x.mask_bt), None)
 
 
+def _expert_iteration(cfg: LearnerConfig, x: AdvantageInputs, group_size: int, kl_coef: jax.Array) -> Advantages:
+    del kl_coef  # KL is a loss term
+    keep_b = expert_iteration_keep(x.rewards_b, group_size, cfg.ei_keep)
+    return Advantages(broadcast_to_tokens(keep_b, x.mask_bt), None)
+
+
 def _reinforce_pp(cfg: LearnerConfig, x: AdvantageInputs, group_size: int, kl_coef: jax.Array) -> Advantages:
     del group_size  # REINFORCE++ uses no group baseline: it whitens over the whole batch.
     return Advantages(reinforce_pp_advantages(x.rewards_b, _reference_kl_bt(cfg, x), x.mask_bt, kl_coef, cfg.adv_eps), None)
@@ -312,6 +333,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[LearnerConfig, AdvantageInputs, int, j
     "rloo": _rloo,
     "reinforce_pp": _reinforce_pp,
     "ppo": _ppo,
+    "expert_iteration": _expert_iteration,
 }
 
 
@@ -405,15 +427,23 @@ def policy_objective(
     kl_coef: float | jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The policy loss: clipped surrogate + beta KL(pi || pi_ref) (when KL is a loss term) - entropy_coef H.
+    Expert iteration's policy term is the NLL of the kept completions instead (advantages 1 on the kept rows' tokens,
+    0 elsewhere: `expert_iteration_keep`), aggregated over the kept tokens only; pi_old plays no part.
 
     Every term is aggregated with `cfg.loss_agg`. kl_coef: the current beta; None means `cfg.kl_coef`.
     Metrics: loss/policy (the surrogate alone), clip_ratio/{low,high,region}, policy/approx_kl, and, when their
     inputs are given, kl and entropy (token means over the valid tokens).
     """
     agg_constant = cfg.loss_agg_constant or None
-    loss, metrics = clipped_surrogate(
-        logprobs_bt, old_logprobs_bt, advantages_bt, mask_bt, cfg.clip_eps_low, cfg.clip_eps_high, cfg.loss_agg, agg_constant
-    )
+    if cfg.algorithm == "expert_iteration":
+        kept_bt = _zero_masked((advantages_bt > 0).astype(jnp.float32), mask_bt)
+        loss = aggregate(-logprobs_bt, kept_bt, cfg.loss_agg, agg_constant)
+        metrics = {"expert_iteration/kept_tokens": kept_bt.sum() / jnp.maximum(_valid(mask_bt).sum(), 1)}
+    else:
+        loss, metrics = clipped_surrogate(
+            logprobs_bt, old_logprobs_bt, advantages_bt, mask_bt, cfg.clip_eps_low, cfg.clip_eps_high, cfg.loss_agg,
+            agg_constant,
+        )
     metrics = {"loss/policy": loss, **metrics}
     if ref_logprobs_bt is not None:
         kl_bt = kl_estimator(cfg.kl_estimator)(_zero_masked(logprobs_bt, mask_bt), _zero_masked(ref_logprobs_bt, mask_bt))

@@ -188,14 +188,21 @@ class PretrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     eval_every: int = 100
+    # Held-out gold along the way (the essay world): every gold_every steps and at the end, the policy writes two
+    # essays for each of the table's run.eval_prompts held-out prompts (same draws and seeds as the table's SFT column)
+    # and the gold grader scores them: sft/gold/* in TensorBoard, "heldout_gold" rows in sft_report.json. 0: only at
+    # the end.
+    gold_every: int = 250
     heldout_fraction: float = 0.05
     sample_essays: int = 32  # essays sampled and graded at the end
 
     def validate(self, prefix: str) -> None:
         _check_ranges(self, prefix, positive=("steps", "seq_len", "batch_size", "lr", "max_grad_norm", "eval_every"),
-                      non_negative=("warmup_steps", "weight_decay", "sample_essays"), unit=("min_lr_ratio",))
+                      non_negative=("warmup_steps", "weight_decay", "sample_essays", "gold_every"), unit=("min_lr_ratio",))
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"{prefix}.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.gold_every % 10:
+            raise ConfigError(f"{prefix}.gold_every must be a multiple of 10 (the steps the history keeps), got {self.gold_every}")
 
 
 # The tampering operators of `selfplay.critic.tamper` (self-made negatives), named here so a config can list them.
@@ -291,7 +298,14 @@ class CriticConfig:
 class LearnerConfig:
     """The policy-gradient learner (GRPO, RLOO, REINFORCE++, PPO) and its optax chain."""
 
-    algorithm: Literal["grpo", "rloo", "reinforce_pp", "ppo"] = "grpo"
+    # expert_iteration (ReST, RAFT, rejection-sampling fine-tuning): keep the ei_keep best-rewarded completions of each
+    # prompt's group and fit them by likelihood (the NLL of the kept completions; KL and the pretraining-data term as
+    # for grpo). A filtered-reward policy gradient: no baseline, no ratio, no clipping.
+    algorithm: Literal["grpo", "rloo", "reinforce_pp", "ppo", "expert_iteration"] = "grpo"
+    ei_keep: int = 1  # expert_iteration: completions kept per prompt (1 .. actor.samples_per_prompt - 1)
+    # Train the distribution that was sampled: the training forward (policy, pi_old, reference, the human examples'
+    # NLL) divides the logits by actor.temperature, as TRL, verl and OpenRLHF do. False: the plain temperature-1 policy.
+    temperature_in_loss: bool = False
     lr: float = 1e-4
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
@@ -384,8 +398,6 @@ class RewardConfig:
             raise ConfigError(
                 f"{prefix}.weights has {len(self.weights)} entries for {len(self.fns)} {prefix}.fns (give one per fn, or none for 1.0 each)"
             )
-        if not self.fns and self.critic_weight == 0:
-            raise ConfigError(f"{prefix}.critic_weight=0 without {prefix}.fns leaves nothing to reward")
 
     @property
     def resolved_weights(self) -> tuple[float, ...]:
@@ -640,9 +652,12 @@ class Config:
                 section.validate(f.name)
         check_actor_fits_model(self.actor, self.model)
         check_critic_init(self.critic, self.model)
-        check_label_reserve(self)
+        if uses_critic(self):  # the critic's labels matter only to a run that has one
+            check_label_reserve(self)
         check_batch_minibatches(self.actor, self.learner)
         check_group_std(self.actor, self.learner)
+        check_expert_iteration(self.actor, self.learner)
+        check_something_rewards(self)
         check_reward_source(self.run)
         check_control_arm(self.run, self.reward, self.learner)
         check_ptx_source(self.learner, self.run)
@@ -692,9 +707,10 @@ def critic_refreshes(cfg: Config) -> bool:
 
 
 def uses_critic(cfg: Config) -> bool:
-    """The run has a critic: its score enters the reward (reward.critic_weight > 0) or refreshes train it. Without
-    one nothing about a critic is built, checked, trained, scored, logged or checkpointed."""
-    return cfg.reward.critic_weight > 0 or critic_refreshes(cfg)
+    """The run has a critic: the critic rewards (run.reward_source=critic) and its score enters the reward
+    (reward.critic_weight > 0) or refreshes train it. Without one nothing about a critic is built, checked, trained,
+    scored, logged or checkpointed: the gold-reward and control arms (run.reward_source=gold or none) have none."""
+    return cfg.run.reward_source == "critic" and (cfg.reward.critic_weight > 0 or critic_refreshes(cfg))
 
 
 def label_reserve(cfg: Config) -> int:
@@ -743,6 +759,25 @@ def check_group_std(actor: ActorConfig, learner: LearnerConfig) -> None:
         raise ConfigError(
             f"learner.std_ddof=1 (sample std) needs actor.samples_per_prompt >= 2, got {actor.samples_per_prompt}"
         )
+
+
+def check_expert_iteration(actor: ActorConfig, learner: LearnerConfig) -> None:
+    """Expert iteration keeps some but not all of each prompt's completions, and folds no KL into a reward it filters."""
+    if learner.algorithm != "expert_iteration":
+        return
+    if not 1 <= learner.ei_keep < actor.samples_per_prompt:
+        raise ConfigError(
+            f"learner.ei_keep ({learner.ei_keep}) must be 1 .. actor.samples_per_prompt - 1 ({actor.samples_per_prompt - 1}): "
+            "expert iteration keeps the best of each prompt's completions, not all of them"
+        )
+    if learner.kl_in_reward:
+        raise ConfigError("learner.algorithm=expert_iteration takes KL as a loss term: set learner.kl_in_reward false")
+
+
+def check_something_rewards(cfg: Config) -> None:
+    """A run whose reward is the critic's with critic_weight 0 and no reward function has nothing to learn from."""
+    if cfg.run.reward_source == "critic" and cfg.reward.critic_weight == 0 and not cfg.reward.fns:
+        raise ConfigError("reward.critic_weight=0 without reward.fns leaves nothing to reward")
 
 
 def check_reward_source(run: RunConfig) -> None:

@@ -232,12 +232,13 @@ class _Rows(NamedTuple):
     sampling_logprobs_bt: jax.Array | None = None  # one pass with a plain sampler: for policy/sampling_logprob_gap
 
 
-def _plain_sampler(actor_cfg: ActorConfig | None) -> bool:
-    """The sampler's log-probs are the plain policy's (see selfplay.actor), so they are comparable to ours."""
+def sampled_policy(actor_cfg: ActorConfig | None, cfg: LearnerConfig) -> bool:
+    """The sampler's log-probs are those the learner's forward computes (see selfplay.actor): greedy, or untruncated
+    sampling at temperature 1 or, with learner.temperature_in_loss, at any temperature."""
     if actor_cfg is None:
         return False
     untruncated = actor_cfg.top_k == 0 and actor_cfg.top_p >= 1.0
-    return actor_cfg.greedy or (actor_cfg.temperature == 1.0 and untruncated)
+    return actor_cfg.greedy or (untruncated and (actor_cfg.temperature == 1.0 or cfg.temperature_in_loss))
 
 
 def make_update_step(
@@ -289,7 +290,7 @@ def make_update_step(
         raise ConfigError(f"learner.algorithm={cfg.algorithm!r} has no value function; value_fn is for ppo")
     optimizer = optimizer or make_optimizer(cfg)
     value_optimizer = value_optimizer or optimizer
-    report_gap = _plain_sampler(actor_cfg)
+    report_gap = sampled_policy(actor_cfg, cfg)
     n_epochs, n_minibatches, p = cfg.epochs, cfg.minibatches, prompt_width
     # One optimiser update from the params that pi_old is: the loss's forward is pi_old, so rho = exp(logp -
     # stop_gradient(logp)) = 1 and its gradient are exact without the separate teacher-forced pass.

@@ -67,7 +67,7 @@ def test_yaml_file_then_overrides_win(tmp_path):
         (["learner.lr=fast"], "learner.lr: expected float, got 'fast' (str)"),
         (["model.n_layers=2.5"], "model.n_layers: expected int, got 2.5 (float)"),
         (["actor.greedy=1"], "actor.greedy: expected bool, got 1 (int)"),
-        (["learner.algorithm=ppo2"], "learner.algorithm: expected one of 'grpo', 'rloo', 'reinforce_pp', 'ppo', got 'ppo2'"),
+        (["learner.algorithm=ppo2"], "learner.algorithm: expected one of 'grpo', 'rloo', 'reinforce_pp', 'ppo', 'expert_iteration', got 'ppo2'"),
         (["actor.prompt_buckets=[32, x]"], "actor.prompt_buckets[1]: expected int, got 'x'"),
         (["model.n_heads=3"], "model.n_heads (3) must be a multiple of model.n_kv_heads (2)"),
         (["learner"], "override 'learner' must look like section.key=value"),

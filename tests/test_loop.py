@@ -61,6 +61,20 @@ def _final_flat(run):
     return flat, meta
 
 
+def assert_same_run(straight, split):
+    """Two runs of one config, one resumed along the way, logged every figure alike (wall-clock ones aside) and ended
+    with the same checkpoint, leaf for leaf."""
+    a, b = _rows(straight), _rows(split)
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert _reproducible(ra) == _reproducible(rb)
+    (fa, ma), (fb, mb) = _final_flat(straight), _final_flat(split)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    assert ma == mb
+
+
 def test_resume_is_exact_across_a_critic_refresh(prepared, tmp_path):
     quiet = Console(quiet=True)
     ptx = ["learner.ptx_coef=0.5", "learner.ptx_batch=4"]  # the human-example stream must resume where it was too
@@ -101,14 +115,9 @@ def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
         run = runs[name] = _copy(prepared, tmp_path, name)
         for n in lengths:
             train(run, None, [*gold, *extra, f"run.rounds={n}"], progress=False, console=quiet)
-    a, b = _rows(runs["straight"]), _rows(runs["split"])
-    assert [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        assert _reproducible(ra) == _reproducible(rb)
-    (fa, ma), (fb, mb) = (_final_flat(runs[n]) for n in ("straight", "split"))
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
-    assert ma == mb
+    assert [r["step"] for r in _rows(runs["split"])] == [1, 2]
+    assert_same_run(runs["straight"], runs["split"])
+    a = _rows(runs["straight"])
     # The tiny policy writes text that does not parse: its tokens are credited -1 (centred, that moves nothing; the
     # credits' effect on the update is tests/test_learner.py's).
     assert all(-1.0 <= r["token_credit/mean"] < -0.5 for r in a), [r["token_credit/mean"] for r in a]

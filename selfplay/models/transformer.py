@@ -331,15 +331,19 @@ def token_logprobs(
     positions_bl: jax.Array,
     valid_bl: jax.Array,
     segment_ids_bl: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log pi(tokens_bl[:, t] | tokens_bl[:, <t]) and the entropy of that predictive distribution.
 
-    The plain policy (temperature 1, no truncation), aligned like `Rollout.logprobs_bl`: entry t is predicted
+    The plain policy (no truncation) at `temperature` (the logits divided by it; 1: the model's own distribution,
+    learner.temperature_in_loss: the sampler's), aligned like `Rollout.logprobs_bl`: entry t is predicted
     from the logits at t-1. Entries are 0 at column 0, where token t is padding, and where token t-1 is padding
     (a left-padded row's first token has no context), or, in packed rows (`segment_ids_bl`), where token t
     starts a new segment. Float32 [B, L] each.
     """
     logits_blv, _ = forward(graphdef, params, tokens_bl, positions_bl, valid_bl, segment_ids_bt=segment_ids_bl)
+    if temperature != 1.0:
+        logits_blv = logits_blv / temperature
     logp_blv = jax.nn.log_softmax(logits_blv[:, :-1], axis=-1)
     target_bl = tokens_bl[:, 1:]
     # A masked sum, not take_along_axis: the same numbers, and its gradient is an elementwise select rather than a

@@ -63,7 +63,9 @@ class Steps:
         self.optimizer = optimizer
         self.value_graphdef = value_graphdef
         self.layout = layout
-        self.logprob_fn = functools.partial(transformer.token_logprobs, graphdef)
+        # learner.temperature_in_loss: the policy, pi_old and the reference are read at the sampler's temperature
+        t = cfg.actor.temperature if cfg.learner.temperature_in_loss and not cfg.actor.greedy else 1.0
+        self.logprob_fn = functools.partial(transformer.token_logprobs, graphdef, temperature=t)
         self._update: dict[int, Callable] = {}
         self._reference: dict[int, Callable] = {}
 
@@ -179,12 +181,14 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     essays, grades, credits_bl = graded.result()
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
-    train_rewards = critic_b
+    train_rewards, total_b = critic_b, None
     if cfg.run.reward_source == "gold":
-        train_rewards = steps.place_batch(gold_b)
+        total_b = gold_b
     elif cfg.run.reward_source == "none":  # the control arm
-        train_rewards = steps.place_batch(np.zeros(len(essays), np.float32))
-    r_fb = total_b = None
+        total_b = np.zeros(len(essays), np.float32)
+    if total_b is not None:
+        train_rewards = steps.place_batch(total_b)
+    r_fb = None
     if not setup.rewards.critic_only:  # a failing reward function stops the round here, before the update
         r_fb = sw("timing/reward_fns", setup.rewards.call, rep, essays, task.columns(idx, g), rnd)
         total_b = setup.rewards.total(None if train_rewards is None else sharding.to_host(train_rewards), r_fb)
@@ -207,6 +211,8 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
     metrics |= measured.result()
     if r_fb is not None:
         metrics |= setup.rewards.metrics(None if critic_rr is None else critic_rr[0], r_fb, total_b)
+    elif critic_rr is None:  # the gold reward or the control arm's zeros, alone
+        metrics |= {"reward/mean": float(total_b.mean()), "reward/std": float(total_b.std())}
     timing = sw.last()
     timing["timing/host"] = host_s[0]
     timing["perf/step_time"] = time.perf_counter() - t_round

@@ -106,7 +106,8 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     """The policy and the critic the rounds start from: SFT and the initial critic when the run directory lacks them
     (single-process jobs), and the resolved config.yaml."""
     log = console.print
-    need_policy, need_critic = not has_policy(run_dir), not has_critic(run_dir / CRITIC_DIR) and cfg.reward.critic_weight > 0
+    need_policy = not has_policy(run_dir)
+    need_critic = uses_critic(cfg) and cfg.reward.critic_weight > 0 and not has_critic(run_dir / CRITIC_DIR)
     if (need_policy or need_critic) and jax.process_count() > 1:
         raise UserError(
             f"{run_dir} has no {'policy' if need_policy else 'critic'}; on several processes `selfplay train` runs only the "
@@ -123,6 +124,8 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=cfg.run.pairs_file or None, progress=progress, log=log, console=console)
+    elif not uses_critic(cfg) and cfg.run.reward_source != "critic":
+        log(f"[bold]2/3 critic[/bold]: none, run.reward_source={cfg.run.reward_source} rewards without one")
     elif not uses_critic(cfg):
         log("[bold]2/3 critic[/bold]: none, reward.critic_weight is 0 and no refresh trains one")
     elif cfg.reward.critic_weight == 0 and not has_critic(run_dir / CRITIC_DIR):
