@@ -449,6 +449,11 @@ class RunConfig:
     # correct asked fact, -1 a hallucinated, repeated, unparsed or off-topic sentence, 0 else). gold_sentence: the whole
     # sentence earns it; gold_value: a claim's stated value alone (grader.credit_spans). With reward_source=gold only.
     token_credit: Literal["none", "gold_sentence", "gold_value"] = "none"
+    # With token_credit: the credit of leaving an asked fact out, which no sentence holds. On a grounded prompt (the
+    # sheet is in the prompt, so an omission is a choice) an essay that closes with an on-topic sentence while asked
+    # facts are still unstated has that closing sentence credited -omission_credit per unstated fact: the decision to
+    # stop (grader.omission_spans). 0: off.
+    omission_credit: float = 0.0
     ptx_file: str = ""  # JSONL of {"prompt": ..., "completion": ...}: the human examples of learner.ptx_coef (default: the world's corpus)
 
     def validate(self, prefix: str) -> None:
@@ -457,6 +462,10 @@ class RunConfig:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"{prefix}.seed must be >= 0, got {self.seed}")
+        if self.omission_credit < 0 or (self.omission_credit > 0 and self.token_credit == "none"):
+            raise ConfigError(
+                f"{prefix}.omission_credit ({self.omission_credit}) must be >= 0, and > 0 only with {prefix}.token_credit"
+            )
 
 
 ARM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")

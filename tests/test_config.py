@@ -417,3 +417,12 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
 def test_out_of_range_and_non_finite_numbers_are_refused(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_omission_credit_needs_the_token_credit_it_adds_to():
+    with pytest.raises(ConfigError, match="run.omission_credit"):
+        load_config(None, ["run.reward_source=gold", "run.omission_credit=1"])
+    with pytest.raises(ConfigError, match="run.omission_credit"):
+        load_config(None, ["run.reward_source=gold", "run.token_credit=gold_sentence", "run.omission_credit=-1"])
+    cfg = load_config(None, ["run.reward_source=gold", "run.token_credit=gold_sentence", "run.omission_credit=0.5"])
+    assert cfg.run.omission_credit == 0.5

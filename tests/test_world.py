@@ -653,3 +653,26 @@ def test_a_repeat_costs_the_same_whatever_the_essays_length(world: World):
                 if s.n_words <= grader.MAX_WORDS:
                     losses.append(1.0 - s.score)
             assert losses and losses == pytest.approx([one_repeat, 2 * one_repeat, 2 * one_repeat][: len(losses)])
+
+
+def test_the_decision_to_stop_carries_the_omitted_facts(world: World):
+    """grader.omission_spans: a grounded essay that closes with its conclusion while k asked facts are unstated has the
+    conclusion's span credited -credit * k; nothing when every asked fact is stated, when the essay ends on a claim,
+    or on a closed-book prompt (leaving out what one does not know is honest there)."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        p = _prompt(world, rng, 4)
+        sents = grammar.split_sentences(world.human_essay(p, rng, NO_FLAWS))
+        facts = [i for i, t in enumerate(sents) if world.parse_sentence(t)[0].role == "fact"]
+        short = [t for i, t in enumerate(sents) if i not in facts[:2]]  # two asked facts left out
+        essay = " ".join(short)
+        scores, judged = world.grade_sentences(p.text, essay)
+        assert scores.n_asked - scores.n_covered == 2
+        (a, b, c), = grader.omission_spans(scores, judged, True, 0.5)
+        assert essay[a:b] == short[-1] and c == -1.0
+        assert grader.omission_spans(scores, judged, False, 0.5) == []
+        assert grader.omission_spans(scores, judged, True, 0.0) == []
+        full = world.grade_sentences(p.text, " ".join(sents))
+        assert grader.omission_spans(*full, True, 0.5) == []
+        ends_on_claim = world.grade_sentences(p.text, " ".join(short[:-1]))
+        assert grader.omission_spans(*ends_on_claim, True, 0.5) == [] or ends_on_claim[1][-1][2] == "other"

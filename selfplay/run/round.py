@@ -30,7 +30,7 @@ from selfplay.rewards import Rewards
 from selfplay.run.state import RunState
 from selfplay.run.task import Task
 from selfplay.world import mean_scores
-from selfplay.world.grader import credit_spans
+from selfplay.world.grader import credit_spans, omission_spans
 
 
 # One thread for the round's host work (text decoding, the gold grader, diversity), overlapped with the device's.
@@ -167,9 +167,12 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         essays = decode_completions(tok, tokens_h, mask_h, p)
         if cfg.run.token_credit == "none":
             return essays, task.grades(rep, essays), None
-        judged = [task.world.grade_sentences(q, e) for q, e in zip(rep, essays)]  # type: ignore[union-attr]
+        world = task.world
+        judged = [world.grade_sentences(q, e) for q, e in zip(rep, essays)]  # type: ignore[union-attr]
         where = cfg.run.token_credit.removeprefix("gold_")
-        spans = [credit_spans(e, verdicts, where) for e, (_, verdicts) in zip(essays, judged)]
+        grounded = {q: world.parse_prompt(q).grounded for q in prompts}  # type: ignore[union-attr]
+        spans = [credit_spans(e, verdicts, where) + omission_spans(s, verdicts, grounded[q], cfg.run.omission_credit)
+                 for q, e, (s, verdicts) in zip(rep, essays, judged)]
         return essays, [s for s, _ in judged], token_credits(tok, tokens_h, mask_h, p, spans)
 
     graded = _HOST.submit(on_host, decode_and_grade)

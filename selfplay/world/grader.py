@@ -263,6 +263,19 @@ def credit_spans(essay: str, judged: list[tuple[int, int, str, str]], where: str
     return out
 
 
+def omission_spans(scores: GoldScores, judged: list[tuple[int, int, str, str]], grounded: bool,
+                   credit: float) -> list[tuple[int, int, float]]:
+    """The credit of the asked facts an essay leaves out, which no sentence of it holds: on a grounded prompt, an essay
+    whose last sentence is on topic and claims nothing (its conclusion, verdict "other") while asked facts are still
+    unstated gets that sentence credited -credit per unstated fact, the decision to stop. Closed-book prompts get none:
+    there leaving out a fact the policy does not know is the honest choice. `judged`: `grade_sentences`' verdicts."""
+    missing = scores.n_asked - scores.n_covered
+    if not (credit and grounded and judged and missing > 0) or judged[-1][2] != "other":
+        return []
+    a, b, _, _ = judged[-1]
+    return [(a, b, -credit * missing)]
+
+
 def _judge(parsed: tuple[Template, dict[str, str]] | None, keys: list, seen: set, topic: str, kind: str, asked: dict,
            covered: set[str]) -> str:
     """One sentence's verdict (see `grade`); a correct claim adds its attribute to `covered`."""
