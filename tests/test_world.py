@@ -454,7 +454,7 @@ def test_no_free_credit_for_stating_nothing(world: World):
     rng = np.random.default_rng(13)
     bound = (grader.W_STRUCTURE + grader.W_FLUENCY + grader.W_HALLUCINATION * grader.NO_CLAIM_HONESTY
              + grader.W_REPETITION + grader.W_RELEVANCE + grader.W_LENGTH)
-    assert bound < 0.6  # the SFT policy's held-out mean is 0.64 (README, "What you should see")
+    assert bound < 0.6  # the SFT policy's held-out mean is 0.69 (README, "What you should see")
     for n_facts in (1, 2, 3, 4, 5):
         for _ in range(30):
             p = _prompt(world, rng, n_facts)

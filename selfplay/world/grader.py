@@ -152,7 +152,7 @@ def grade(world: World, prompt: Prompt, essay: str) -> GoldScores:
 
     No free credit: an essay that states nothing about its topic scores at most
     W_STRUCTURE + W_FLUENCY + W_HALLUCINATION * NO_CLAIM_HONESTY + W_REPETITION + W_RELEVANCE + W_LENGTH = 0.575
-    (below the SFT policy's mean, 0.64 on the default job), and on a grounded prompt less than the same essay with
+    (below the SFT policy's mean, 0.69 on the default job), and on a grounded prompt less than the same essay with
     one asked fact stated correctly (+ W_COVERAGE / asked + W_HALLUCINATION * (1 - NO_CLAIM_HONESTY)).
     """
     return grade_sentences(world, prompt, essay)[0]
