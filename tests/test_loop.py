@@ -124,6 +124,22 @@ def test_gold_token_credits_train_and_resume_exactly(prepared, tmp_path):
     assert all("token_credit/mean" not in r for r in _rows(runs["plain"]))
 
 
+def test_expert_iteration_with_the_gold_reward_trains_and_resumes_exactly(prepared, tmp_path):
+    """learner.algorithm=expert_iteration (at the sampler's temperature, two epochs a round): a run resumed after round 1
+    equals the straight one; at most one of each prompt's two essays is kept."""
+    quiet = Console(quiet=True)
+    opts = ["run.reward_source=gold", "learner.algorithm=expert_iteration", "learner.ei_keep=1", "run.checkpoint_every=1",
+            "learner.epochs=2", "learner.temperature_in_loss=true"]
+    runs = {}
+    for name, lengths in (("straight", [2]), ("split", [1, 2])):
+        run = runs[name] = _copy(prepared, tmp_path, name)
+        for n in lengths:
+            train(run, None, [*opts, f"run.rounds={n}"], progress=False, console=quiet)
+    assert [r["step"] for r in _rows(runs["split"])] == [1, 2]
+    assert all(0.0 <= r["expert_iteration/kept_tokens"] <= 0.5 + 1e-6 for r in _rows(runs["straight"]))  # 1 of 2 essays
+    assert_same_run(runs["straight"], runs["split"])
+
+
 def test_self_made_pairs_and_token_heads_train_are_counted_apart_and_resume_exactly(prepared, tmp_path):
     """critic.synthetic_per_label with critic.token_heads: the initial critic and each refresh add tampered copies of
     their essays to the pool, counted apart (critic/synthetic_pairs), and the token heads train on their labels; a
