@@ -77,11 +77,19 @@ def has_policy(run_dir: str | Path) -> bool:
 
 
 def clear_incomplete_policy(run_dir: str | Path) -> bool:
-    """Remove what a killed `save_policy` left (a policy/ without its tokenizer, or without a complete step), so the
-    policy can be written again; True when something was removed. A complete policy is never touched."""
+    """Remove what a killed `save_policy` left (a policy/ without a complete step), so the policy can be written again;
+    True when something was removed. A complete policy is never touched, nor complete params whose tokenizer.json or
+    config.yaml is missing: `save_policy` writes those first, so such params were copied in by hand, and removing them
+    would lose them (UserError naming the missing files)."""
     run_dir = Path(run_dir)
     if has_policy(run_dir) or not (run_dir / POLICY_DIR).exists():
         return False
+    if checkpoint.has_checkpoint(run_dir / POLICY_DIR):
+        missing = " and ".join(f for f in (TOKENIZER_FILE, CONFIG_FILE) if not (run_dir / f).is_file())
+        raise UserError(
+            f"{run_dir / POLICY_DIR} holds complete params but {run_dir} has no {missing}: copy {missing} from the run "
+            "the policy came from (nothing was removed)"
+        )
     shutil.rmtree(run_dir / POLICY_DIR)
     return True
 

@@ -59,6 +59,19 @@ def test_sft_reports_held_out_gold_along_the_way_deterministically(tiny_run, tmp
     assert json.loads((other / "sft_report.json").read_text())["heldout_gold"] != report["heldout_gold"]
 
 
+def test_a_policy_copied_without_its_config_is_kept_and_named(tiny_run, tmp_path, capsys):
+    """policy/ and tokenizer.json copied by hand, config.yaml forgotten: train stops with one line naming the missing
+    file and removes nothing (it used to take the copy for a killed save, delete it and pretrain a new policy)."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copytree(tiny_run / "policy", copy / "policy")
+    shutil.copy(tiny_run / "tokenizer.json", copy / "tokenizer.json")
+    assert main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(copy), "--no-progress"]) == 2
+    assert "has no config.yaml: copy config.yaml from the run the policy came from" in capsys.readouterr().err
+    assert {"policy", "tokenizer.json"} <= {p.name for p in copy.iterdir()} and not (copy / "config.yaml").exists()
+    assert sorted(p.name for p in (copy / "policy").iterdir()) == sorted(p.name for p in (tiny_run / "policy").iterdir())
+
+
 def test_generate_prints_json_lines_with_gold(tiny_run, capsys, tmp_path):
     assert main(["generate", "--run-dir", str(tiny_run), "--n", "3", "actor.temperature=0.7"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
