@@ -88,7 +88,7 @@ def clear_incomplete_policy(run_dir: str | Path) -> bool:
         missing = " and ".join(f for f in (TOKENIZER_FILE, CONFIG_FILE) if not (run_dir / f).is_file())
         raise UserError(
             f"{run_dir / POLICY_DIR} holds complete params but {run_dir} has no {missing}: copy {missing} from the run "
-            "the policy came from (nothing was removed)"
+            f"the policy came from, or remove {run_dir / POLICY_DIR} to pretrain a new one (nothing was removed)"
         )
     shutil.rmtree(run_dir / POLICY_DIR)
     return True

@@ -106,13 +106,20 @@ def test_pretrain_refuses_a_run_directory_that_has_a_policy(tiny_run, capsys):
 
 
 def test_a_policy_whose_save_was_killed_is_written_again(tiny_run, tmp_path, capsys):
-    # What a kill between the params and tokenizer.json used to leave: policy/ complete, no tokenizer, no config.
+    # What a kill between the params and tokenizer.json used to leave (save_policy now writes them first): policy/
+    # complete, no tokenizer, no config. Indistinguishable from params copied by hand, so they are kept and named; once
+    # the user removes them, pretraining writes a new policy.
     run = tmp_path / "killed"
     shutil.copytree(tiny_run, run)
     (run / "tokenizer.json").unlink()
     (run / "config.yaml").unlink()
     assert not has_policy(run)
-    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run), "--no-progress"]) == 0
+    args = ["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run), "--no-progress"]
+    assert main(args) == 2
+    assert "has no tokenizer.json and config.yaml" in capsys.readouterr().err and (run / "policy").is_dir()
+    shutil.rmtree(run / "policy")
+    (run / "policy" / "0.orbax-checkpoint-tmp").mkdir(parents=True)  # what a kill inside the params' save leaves
+    assert main(args) == 0
     assert "removed the incomplete policy" in capsys.readouterr().out
     assert has_policy(run) and (run / "config.yaml").is_file()
     load_policy(run)
