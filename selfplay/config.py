@@ -709,17 +709,19 @@ def check_critic_init(critic: CriticConfig, model: ModelConfig) -> None:
 
 
 def critic_refreshes(cfg: Config) -> bool:
-    """The rounds retrain the critic every critic.refresh_every rounds: only where new pairs can be labelled, in the
-    essay world (its labeller, or its human essays as the discriminator's winners), never with label_source=file."""
+    """The rounds retrain the critic every critic.refresh_every rounds: only in a run the critic rewards
+    (run.reward_source=critic) and only where new pairs can be labelled, in the essay world (its labeller, or its human
+    essays as the discriminator's winners), never with label_source=file."""
     c = cfg.critic
-    return c.refresh_every > 0 and cfg.run.task == "essays" and not cfg.run.prompts_file and c.label_source != "file"
+    return (cfg.run.reward_source == "critic" and c.refresh_every > 0 and cfg.run.task == "essays" and not cfg.run.prompts_file
+            and c.label_source != "file")
 
 
 def uses_critic(cfg: Config) -> bool:
     """The run has a critic: the critic rewards (run.reward_source=critic) and its score enters the reward
     (reward.critic_weight > 0) or refreshes train it. Without one nothing about a critic is built, checked, trained,
     scored, logged or checkpointed: the gold-reward and control arms (run.reward_source=gold or none) have none."""
-    return cfg.run.reward_source == "critic" and (cfg.reward.critic_weight > 0 or critic_refreshes(cfg))
+    return (cfg.run.reward_source == "critic" and cfg.reward.critic_weight > 0) or critic_refreshes(cfg)
 
 
 def label_reserve(cfg: Config) -> int:

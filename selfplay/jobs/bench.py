@@ -343,9 +343,9 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     critic = _synthetic_critic(cfg) if uses_critic(cfg) else None
     zero_rewards_b = jnp.zeros(rows, jnp.float32)
 
-    refresh_calls = math.ceil(cc.refresh_budget / cc.batch_size) if critic is not None and critic_refreshes(cfg) else 0
+    refresh_calls = math.ceil(cc.refresh_budget / cc.batch_size) if critic_refreshes(cfg) else 0
     pair_rows = 2 * cc.batch_size
-    calib_chunks = math.ceil(2 * min(_CALIBRATION_PAIRS, cc.label_budget) / pair_rows) if critic is not None and critic_refreshes(cfg) else 0
+    calib_chunks = math.ceil(2 * min(_CALIBRATION_PAIRS, cc.label_budget) / pair_rows) if critic_refreshes(cfg) else 0
     refresh_gen = actor.Generator(policy, cfg.actor, cc.batch_size, eos_ids=(b.eos_id,), pad_id=PAD_ID)  # as selfplay.run.setup's
     r_prompts, r_len, r_p = synthetic_prompts(cfg, b, cc.batch_size, new, cfg.run.seed + 1)
     if r_p != p:

@@ -170,9 +170,11 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
         world = task.world
         judged = [world.grade_sentences(q, e) for q, e in zip(rep, essays)]  # type: ignore[union-attr]
         where = cfg.run.token_credit.removeprefix("gold_")
-        grounded = {q: world.parse_prompt(q).grounded for q in prompts}  # type: ignore[union-attr]
-        spans = [credit_spans(e, verdicts, where) + omission_spans(s, verdicts, grounded[q], cfg.run.omission_credit)
-                 for q, e, (s, verdicts) in zip(rep, essays, judged)]
+        spans = [credit_spans(e, verdicts, where) for e, (_, verdicts) in zip(essays, judged)]
+        if cfg.run.omission_credit:  # the asked facts left out, charged to the closing sentence of a grounded essay
+            grounded = {q: world.parse_prompt(q).grounded for q in prompts}  # type: ignore[union-attr]
+            spans = [sp + omission_spans(s, verdicts, grounded[q], cfg.run.omission_credit)
+                     for sp, q, (s, verdicts) in zip(spans, rep, judged)]
         return essays, [s for s, _ in judged], token_credits(tok, tokens_h, mask_h, p, spans)
 
     graded = _HOST.submit(on_host, decode_and_grade)

@@ -189,7 +189,7 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
             critic = init_critic(cfg, policy.tokenizer, world=task.world, policy_params=policy.params,
                                  policy_model=policy.cfg.model, layout=layout)
     refresh_source = None
-    if critic is not None and critic_refreshes(cfg):  # only in the essay world: task.world is there
+    if critic_refreshes(cfg):  # only in the essay world: task.world is there
         critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
         refresh_source = PairSource(task.world, generator_sample_fn(critic_gen), cfg.critic.label_source, cfg.critic.batch_size)
     optimizer = learner.make_optimizer(cfg.learner, learner.num_optimizer_updates(cfg.learner, cfg.run.rounds))

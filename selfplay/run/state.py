@@ -66,7 +66,7 @@ class RunState:
         if saved_critic != (self.critic is not None):  # not damage: a checkpoint of another kind of run
             raise UserError(
                 f"{ckpt.directory}: round {step} was saved {'with' if saved_critic else 'without'} a critic, but this run "
-                f"has {'none (reward.critic_weight 0, no refreshes)' if self.critic is None else 'one'}; runs with "
+                f"has {'none (run.reward_source gold or none, or reward.critic_weight 0 without refreshes)' if self.critic is None else 'one'}; runs with "
                 "critic_weight 0 saved an unused critic before 2026-12-06: resume those with that version, or start a "
                 "new run directory"
             )

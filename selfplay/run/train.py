@@ -124,7 +124,7 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     if need_critic:
         log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=cfg.run.pairs_file or None, progress=progress, log=log, console=console)
-    elif not uses_critic(cfg) and cfg.run.reward_source != "critic":
+    elif cfg.run.reward_source != "critic":
         log(f"[bold]2/3 critic[/bold]: none, run.reward_source={cfg.run.reward_source} rewards without one")
     elif not uses_critic(cfg):
         log("[bold]2/3 critic[/bold]: none, reward.critic_weight is 0 and no refresh trains one")
