@@ -261,6 +261,12 @@ class CriticConfig:
     # weight token_loss_coef next to the Bradley-Terry loss. Flag labels come from self-made pairs only.
     token_heads: bool = False
     token_loss_coef: float = 1.0
+    # The self-judging critic (selfplay.critic.judge): the reward is a Bradley-Terry model over the frozen SFT policy's
+    # log-probs of the essay and the essay's restated prompt values and repeats, fitted on the pool's training pairs
+    # (judge_l2: its L2 weight). The transformer reward model is then neither trained nor read (critic.model sizes
+    # only its unused checkpoint). Needs ensemble_size 1 and no token heads.
+    judge: bool = False
+    judge_l2: float = 1.0
 
     def validate(self, prefix: str) -> None:
         self.model.validate(prefix + ".model")
@@ -290,6 +296,14 @@ class CriticConfig:
             raise ConfigError(f"{prefix}.synthetic_per_label must be >= 0, got {self.synthetic_per_label}")
         if self.token_loss_coef < 0:
             raise ConfigError(f"{prefix}.token_loss_coef must be >= 0, got {self.token_loss_coef}")
+        if self.judge_l2 <= 0:
+            raise ConfigError(f"{prefix}.judge_l2 must be > 0, got {self.judge_l2}")
+        if self.judge and (self.ensemble_size != 1 or self.token_heads or self.init_from_policy):
+            raise ConfigError(
+                f"{prefix}.judge=true is one Bradley-Terry head over the judge's features: it takes no ensemble "
+                f"(ensemble_size {self.ensemble_size}), no token heads ({self.token_heads}) and no trunk "
+                f"(init_from_policy {self.init_from_policy})"
+            )
         if self.synthetic_per_label > 0 and not self.tamper_ops:
             raise ConfigError(f"{prefix}.tamper_ops is empty but {prefix}.synthetic_per_label is {self.synthetic_per_label}; name an operator")
 

@@ -510,3 +510,27 @@ def test_an_unwritable_run_directory_or_a_full_disk_is_one_line_before_any_work(
     assert main(["train", "--config", TINY, "--run-dir", str(run), "--no-progress"]) == 2
     assert "MiB free on its disk, a checkpoint of this run needs about" in capsys.readouterr().err
     assert not (run / "policy").exists() and not (run / "config.yaml").exists()  # nothing was started
+
+
+def test_the_judge_critic_trains_rewards_and_resumes_exactly(prepared, tmp_path):
+    """critic.judge: `critic train` fits the head on the pool (no transformer step), the round scores the decoded
+    essays with it, a refresh refits it on the grown pool, and a run resumed after the refresh equals the straight one
+    (head and phrasing ride in the critic's meta)."""
+    quiet = Console(quiet=True)
+    judge = ["critic.judge=true", "run.checkpoint_every=2"]
+    base = _copy(prepared, tmp_path, "base")
+    shutil.rmtree(base / "critic")
+    assert main(["critic", "train", "--run-dir", str(base), "--no-progress", *judge]) == 0
+    report = json.loads((base / "critic_report.json").read_text())
+    assert report["history"][-1]["step"] == 0 and np.isfinite(report["history"][-1]["loss"])
+    straight, split = _copy(base, tmp_path, "straight"), _copy(base, tmp_path, "split")
+    train(straight, None, [*judge, "run.rounds=4"], progress=False, console=quiet)
+    train(split, None, [*judge, "run.rounds=2"], progress=False, console=quiet)
+    train(split, None, [*judge, "run.rounds=4"], progress=False, console=quiet)
+    assert_same_run(straight, split)
+    a = _rows(straight)
+    assert "loss/critic" in a[1] and all(np.isfinite(r["reward/raw_mean"]) for r in a)
+    assert len({r["reward/raw_mean"] for r in a}) == 4  # the judge scores every round's own essays
+    _, meta = _final_flat(straight)
+    head = meta["critic"]["judge"]["head"]
+    assert any(abs(w) > 0 for w in head["w"]) and meta["critic"]["judge"]["phrasing"]

@@ -23,8 +23,10 @@ from selfplay.config import (
     UserError,
     check_critic_init,
 )
+from selfplay.critic.judge import Judge, JudgeHead, essay_features, fit_head
 from selfplay.critic.labels import PairSource, collect_pairs, collection_rngs
 from selfplay.critic.model import (
+    NORM_EPS,
     CriticFns,
     CriticState,
     Normalizer,
@@ -63,6 +65,13 @@ class Critic:
     # The token heads' labels of pool pairs, by index, and the phrasing they were made with (see `_token_labels`).
     label_cache: dict[int, tuple[RowLabels, RowLabels]] = dataclasses.field(default_factory=dict)
     label_phrasing: frozenset[str] = frozenset()
+    # critic.judge: the frozen policy that reads the essays (`attach_judge`), the fitted head and the phrasing its
+    # features were made with (both saved with the critic), and the pool pairs' features by index.
+    judge: Judge | None = None
+    judge_head: JudgeHead | None = None
+    judge_phrasing: frozenset[str] = frozenset()
+    feature_cache: dict[int, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    feature_phrasing: frozenset[str] = frozenset()
 
     @property
     def ccfg(self) -> CriticConfig:
@@ -116,9 +125,62 @@ def critic_from_state(
     return Critic(cfg, tokenizer, graphdef, state, pool, fns, labeller, layout=layout)
 
 
+def attach_judge(critic: Critic, policy: Any) -> None:
+    """Give a critic.judge critic the frozen policy (a `selfplay.policy.Policy`: the run's SFT policy, its reference)
+    that reads the essays; a critic without critic.judge is left as it is."""
+    c = critic.ccfg
+    if not c.judge:
+        return
+    if jax.process_count() > 1:
+        raise UserError("critic.judge=true reads essays with the policy on each host; it runs in one process only")
+    if c.seq_buckets[-1] > policy.cfg.model.max_seq_len:
+        raise ConfigError(
+            f"critic.judge reads rows of up to critic.seq_buckets max ({c.seq_buckets[-1]}) tokens with the policy, whose "
+            f"model.max_seq_len is {policy.cfg.model.max_seq_len}"
+        )
+    critic.judge = Judge(policy.tokenizer, policy.graphdef, policy.params, tuple(c.seq_buckets), 2 * c.batch_size)
+
+
+def _the_judge(critic: Critic) -> Judge:
+    if critic.judge is None:
+        raise UserError("critic.judge=true: this critic has no policy to read the essays with (attach_judge)")
+    return critic.judge
+
+
+def _head(critic: Critic, phi_nf: np.ndarray) -> np.ndarray:
+    """The judge head's raw scores of features `phi_nf` (0 before the head is fitted), float32 [n]."""
+    return (critic.judge_head or JudgeHead.zero())(phi_nf).astype(np.float32)
+
+
+def judged_raw(critic: Critic, prompts: Sequence[str], essays: Sequence[str]) -> np.ndarray:
+    """critic.judge: the head's raw score of each essay, float32 [n]."""
+    return _head(critic, essay_features(_the_judge(critic), prompts, essays, critic.judge_phrasing))
+
+
+def _judged_scores(critic: Critic, raw_b: np.ndarray) -> Scores:
+    """Scores of judged raw scores: normalised by the critic's current statistics (critic.normalize)."""
+    norm = jax.device_get(critic.state.norm)
+    r = raw_b
+    if critic.ccfg.normalize and float(norm.count) > 0:
+        r = ((raw_b - np.float32(norm.mean)) / np.sqrt(np.float32(norm.var) + np.float32(NORM_EPS))).astype(np.float32)
+    return Scores(r, raw_b[None, :])
+
+
+def score_essays(critic: Critic, prompts: Sequence[str], essays: Sequence[str]) -> tuple[Scores, np.ndarray]:
+    """`score_rollout` of a critic.judge critic, which reads text: (Scores, raw [n]); the batch is folded into the
+    normaliser afterwards."""
+    raw = judged_raw(critic, prompts, essays)
+    scores = _judged_scores(critic, raw)
+    critic.state = critic.fns.observe(critic.state, jnp.asarray(raw[None, :]))
+    return scores, raw
+
+
 def score_rollout(critic: Critic, rollout: Rollout, prompt_width: int) -> tuple[Scores, jax.Array]:
     """(Scores of every rollout row, the members' raw combination [B]); the scored batch is folded into the
-    normaliser afterwards, so this batch is normalised by the statistics before it."""
+    normaliser afterwards, so this batch is normalised by the statistics before it. (A critic.judge critic reads
+    text: `score_essays`.)"""
+    if critic.ccfg.judge:
+        raise UserError("critic.judge=true scores decoded essays (score_essays), not token rollouts")
     scores = critic.fns.score(critic.state, rollout, prompt_width)
     critic.state = critic.fns.observe(critic.state, scores.members_kb)
     return scores, raw_rewards(critic.ccfg, scores)
@@ -185,6 +247,8 @@ def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "cr
     train_idx = critic.pool.indices(heldout=False)
     if len(train_idx) == 0:
         raise UserError("the critic has no training pairs (all labelled pairs are held out or none were labelled)")
+    if c.judge:
+        return [fit_judge(critic, train_idx)]
     streams = _member_streams(critic, train_idx)
     pad_id = critic.tokenizer.pad_id
     phrasing = phrasing_words([p.prompt for p in critic.pool.pairs]) if c.token_heads else frozenset()
@@ -217,8 +281,41 @@ def train(critic: Critic, steps: int, *, progress: bool = False, desc: str = "cr
     return history
 
 
+def pool_features(critic: Critic, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """critic.judge: the features of the pool pairs at `indices`, (chosen [n, F], rejected [n, F]), made with the
+    critic's phrasing (cached by pair; made again when the phrasing changes)."""
+    if critic.feature_phrasing != critic.judge_phrasing:
+        critic.feature_cache, critic.feature_phrasing = {}, critic.judge_phrasing
+    todo = [i for i in dict.fromkeys(indices) if i not in critic.feature_cache]
+    if todo:
+        pairs = [critic.pool.pairs[i] for i in todo]
+        prompts = [p.prompt for p in pairs]
+        judge = _the_judge(critic)
+        phi_c = essay_features(judge, prompts, [p.chosen for p in pairs], critic.judge_phrasing)
+        phi_r = essay_features(judge, prompts, [p.rejected for p in pairs], critic.judge_phrasing)
+        for j, i in enumerate(todo):
+            critic.feature_cache[i] = (phi_c[j], phi_r[j])
+    return (np.array([critic.feature_cache[i][0] for i in indices]).reshape(len(indices), -1),
+            np.array([critic.feature_cache[i][1] for i in indices]).reshape(len(indices), -1))
+
+
+def fit_judge(critic: Critic, train_idx: Sequence[int]) -> dict:
+    """Fit a critic.judge critic's head on the pool pairs `train_idx` (the phrasing made from the whole pool's
+    prompts first); returns a history row like `train`'s (step: the critic's training steps, unchanged)."""
+    critic.judge_phrasing = phrasing_words([p.prompt for p in critic.pool.pairs])
+    phi_c, phi_r = pool_features(critic, train_idx)
+    critic.judge_head = fit_head(phi_c, phi_r, critic.ccfg.judge_l2)
+    gap = critic.judge_head(phi_c) - critic.judge_head(phi_r)
+    loss = float(np.mean(np.logaddexp(0.0, -gap)))
+    if not math.isfinite(loss):
+        raise UserError(f"the critic's judge head diverged (loss {loss}); raise critic.judge_l2")
+    return {"step": int(critic.state.step), "loss": loss, "accuracy": float(np.mean((gap > 0) + 0.5 * (gap == 0)))}
+
+
 def score_texts(critic: Critic, prompts: Sequence[str], essays: Sequence[str]) -> Scores:
     """Scores (numpy) of `[bos] prompt [sep] essay [eos]` texts, in fixed chunks of 2 * batch_size rows."""
+    if critic.ccfg.judge:
+        return _judged_scores(critic, judged_raw(critic, prompts, essays))
     rows = [critic.pool.encode(p, e) for p, e in zip(prompts, essays, strict=True)]
     return _score_rows(critic, rows)
 
@@ -242,8 +339,11 @@ def pair_accuracy(critic: Critic, indices: Sequence[int]) -> dict[str, Any]:
     member; plus the scores, for further checks."""
     if len(indices) == 0:
         return {"accuracy": float("nan"), "member_accuracy": [], "n": 0}
-    sc = _score_rows(critic, [critic.pool.ids[i][0] for i in indices])
-    sr = _score_rows(critic, [critic.pool.ids[i][1] for i in indices])
+    if critic.ccfg.judge:
+        sc, sr = (_judged_scores(critic, _head(critic, phi)) for phi in pool_features(critic, indices))
+    else:
+        sc = _score_rows(critic, [critic.pool.ids[i][0] for i in indices])
+        sr = _score_rows(critic, [critic.pool.ids[i][1] for i in indices])
 
     def acc(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.mean((a > b) + 0.5 * (a == b)))
@@ -261,10 +361,12 @@ def calibrate_normalizer(critic: Critic, max_pairs: int = 512) -> None:
     """Restart the normaliser from the combined raw scores of the newest pool essays (both sides of up to
     max_pairs pairs): after training, the old statistics describe another scale."""
     idx = list(range(max(0, len(critic.pool) - max_pairs), len(critic.pool)))
-    rows = [critic.pool.ids[i][0] for i in idx] + [critic.pool.ids[i][1] for i in idx]
-    if not rows:
+    if not idx:
         return
-    members = _score_rows(critic, rows).members_kb
+    if critic.ccfg.judge:
+        members = np.concatenate([_head(critic, phi) for phi in pool_features(critic, idx)])[None, :]
+    else:
+        members = _score_rows(critic, [critic.pool.ids[i][0] for i in idx] + [critic.pool.ids[i][1] for i in idx]).members_kb
     combined = np.asarray(combine_members(jnp.asarray(members), critic.ccfg.combine, critic.ccfg.uncertainty_coef))
     norm = Normalizer(jnp.float32(combined.mean()), jnp.float32(combined.var()), jnp.float32(1.0))
     critic.state = critic.state._replace(norm=norm)

@@ -10,6 +10,7 @@ from pathlib import Path
 from selfplay import checkpoint, sharding
 from selfplay.config import Config, to_dict
 from selfplay.critic.critic import Critic, critic_from_state
+from selfplay.critic.judge import JudgeHead
 from selfplay.critic.model import abstract_state
 from selfplay.critic.pairs import POOL_ROW, POOL_ROW_OPTIONAL, check_pool_row
 from selfplay.data import read_jsonl
@@ -35,6 +36,8 @@ def critic_meta(critic: Critic) -> dict:
         "pool_size": len(critic.pool),
         "pool_heldout": int(sum(critic.pool.heldout)),
         "pool_synthetic": critic.pool.synthetic,
+        "judge": None if critic.judge_head is None else
+        {"head": critic.judge_head.to_dict(), "phrasing": sorted(critic.judge_phrasing)},
     }
 
 
@@ -47,6 +50,10 @@ def restore_host(critic: Critic, meta: dict, pool_rows: list[dict] | None = None
     """Put back the host side saved by `critic_meta` / `host_meta`: refreshes, the labeller's counter and stream,
     and the pool (from `pool_rows`, else meta["pool"]), replacing whatever the critic held."""
     critic.refreshes = int(meta.get("refreshes", 0))
+    judged = meta.get("judge")
+    critic.judge_head = None if not judged else JudgeHead.from_dict(judged["head"])
+    critic.judge_phrasing = frozenset(judged["phrasing"]) if judged else frozenset()
+    critic.feature_cache, critic.feature_phrasing = {}, frozenset()
     if critic.labeller is not None and meta.get("labeller"):
         critic.labeller.load_state_dict(meta["labeller"])
     rows = meta.get("pool", []) if pool_rows is None else pool_rows

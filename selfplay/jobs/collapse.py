@@ -286,13 +286,14 @@ class Lab:
         """The learned critic of the graded-by-critic arms: trained once on generation 0's essays (critic section, the
         world's labeller within critic.label_budget), saved in gen_0/critic/."""
         if self.critic is None:
-            from selfplay.critic import CRITIC_DIR, has_critic, load_critic
+            from selfplay.critic import CRITIC_DIR, attach_judge, has_critic, load_critic
             from selfplay.jobs.critic import train_critic
 
             gen0 = self.run_dir / GEN0
             if not has_critic(gen0 / CRITIC_DIR):
                 train_critic(self.cfg, gen0, progress=self.progress, log=self.log, console=self.console)
             self.critic = load_critic(gen0 / CRITIC_DIR, self.cfg, self.gen0.tokenizer, world=self.world)
+            attach_judge(self.critic, self.gen0)
         return self.critic
 
     def _evaluate(self, policy: Policy, n: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ from selfplay.critic import (
     PairSource,
     accuracy_by_kind,
     add_synthetic,
+    attach_judge,
     calibrate_normalizer,
     collect_pairs,
     collection_rngs,
@@ -42,6 +43,7 @@ from selfplay.critic import (
     spearman,
     train,
 )
+from selfplay.critic.judge import FEATURES
 from selfplay.jobs.import_critic import imported_from, mark_imported
 from selfplay.policy import has_policy, load_policy
 from selfplay.tracking import Tracker, json_safe
@@ -74,10 +76,16 @@ def train_critic(
     policy = load_policy(run_dir)
     world = World.from_config(cfg.world) if kind != "file" else None
     origin = imported_from(run_dir / CRITIC_DIR)
+    if origin is not None and c.judge:
+        raise ConfigError(
+            f"critic.judge=true fits a head over the policy's judgement, but {run_dir / CRITIC_DIR} holds a reward model "
+            f"imported from {origin.get('source')}, which it would never read; set critic.judge=false to train that one further"
+        )
     if origin is None:
         critic = init_critic(cfg, policy.tokenizer, world=world, policy_params=policy.params, policy_model=policy.cfg.model)
     else:  # an imported reward model is trained further, never replaced by one trained from scratch
         critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer, world=world)
+    attach_judge(critic, policy)
     gen = Generator(policy, cfg.actor, batch=c.batch_size)
     seed = cfg.run.seed
 
@@ -126,6 +134,8 @@ def train_critic(
         "heldout_accuracy": held["accuracy"],
         "heldout_member_accuracy": held["member_accuracy"],
         "heldout_accuracy_by_kind": accuracy_by_kind(critic) if synthetic else {},
+        "judge_weights": None if critic.judge_head is None else  # per unit of each feature (FEATURES)
+        dict(zip(FEATURES, (critic.judge_head.w / critic.judge_head.scale).tolist())),
         "heldout_gold_accuracy": None,
         "heldout_gold_accuracy_clear": None,
         "spearman_gold": None,
@@ -154,7 +164,8 @@ def train_critic(
         f"critic: {report['pairs_train']} train / {report['pairs_heldout']} held-out pairs ({kind}"
         + (f", {report['labels_used']} of {c.label_budget} labels" if kind == "world" else "")
         + (f"; {synthetic} self-made pairs ({', '.join(c.tamper_ops)})" if synthetic else "")
-        + f"), {c.steps} steps x {c.ensemble_size} member(s); held-out accuracy {held['accuracy']:.3f}"
+        + ("), judge head fitted" if c.judge else f"), {c.steps} steps x {c.ensemble_size} member(s)")
+        + f"; held-out accuracy {held['accuracy']:.3f}"
         + (f", Spearman with gold {sp:.3f} on {report['eval_samples']} fresh essays" if sp is not None else "")
         + f"; {report['seconds']['total']:.0f} s; saved to {run_dir / CRITIC_DIR}"
     )

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from selfplay import checkpoint, sharding
 from selfplay.config import UserError
-from selfplay.critic import Critic, raw_rewards
+from selfplay.critic import Critic, raw_rewards, score_texts
 from selfplay.data import fixed_chunks
 from selfplay.monitors import diversity
 from selfplay.run.round import Setup, pair_agreement
@@ -61,16 +61,21 @@ def evaluate(setup: Setup, params: Any, critic: Critic | None) -> dict[str, floa
     for c, chunk, real in fixed_chunks(task.eval_prompts, gen.batch):
         rollout, p = gen.rollout(params, chunk, jax.random.fold_in(key, c), g)
         n = real * g
-        essays += gen.completions(rollout, p)[:n]
+        texts = gen.completions(rollout, p)
+        essays += texts[:n]
         lp, _ = setup.steps.logprob_fn(params, rollout.tokens_bl, rollout.positions_bl(p), rollout.valid_mask_bl(p))
         ref = setup.steps.reference(p)(setup.ref_params, rollout)
         mask, delta = sharding.to_host((rollout.completion_mask_bl, lp - ref))
         mask = mask[:n]
         lengths += list(mask.sum(1))
         kls += list((delta[:n] * mask).sum(1))
-        if critic is not None:
+        if critic is not None and critic.ccfg.judge:  # a judge reads the decoded essays
+            scores = score_texts(critic, [q for q in chunk for _ in range(g)], texts)
+            reward, raw = scores.rewards_b, scores.members_kb[0]
+        elif critic is not None:
             scores = critic.fns.score(critic.state, rollout, p)
             reward, raw = sharding.to_host((scores.rewards_b, raw_rewards(critic.ccfg, scores)))
+        if critic is not None:
             rewards.append(reward[:n])
             raws.append(raw[:n])
     rep = [p for p in task.eval_prompts for _ in range(g)]

@@ -23,7 +23,7 @@ from flax import nnx
 from selfplay import learner, sharding
 from selfplay.actor import Generator, decode_completions, token_credits
 from selfplay.config import Config
-from selfplay.critic import PairSource, refresh, score_rollout
+from selfplay.critic import PairSource, refresh, score_essays, score_rollout
 from selfplay.models import heads, transformer
 from selfplay.monitors import diversity
 from selfplay.rewards import Rewards
@@ -179,12 +179,16 @@ def run_round(setup: Setup, run: RunState, rnd: int) -> RoundResult:
 
     graded = _HOST.submit(on_host, decode_and_grade)
     critic_b = raw_b = None  # the critic's reward and raw score of each essay, when the run has a critic
-    if run.critic is not None:
+    judged = run.critic is not None and cfg.critic.judge  # a judge reads the decoded essays
+    if run.critic is not None and not judged:
         scores, raw_b = sw("timing/score", score_rollout, run.critic, rollout, p)
         critic_b = scores.rewards_b
     ref_lp = sw("timing/reference", steps.reference(p), setup.ref_params, rollout)
 
     essays, grades, credits_bl = graded.result()
+    if judged:
+        scores, raw_b = sw("timing/score", score_essays, run.critic, rep, essays)
+        critic_b = steps.place_batch(scores.rewards_b)
     gold_b = None if grades is None else np.array([x.score for x in grades], np.float32)
     train_rewards, total_b = critic_b, None
     if cfg.run.reward_source == "gold":

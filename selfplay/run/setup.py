@@ -26,7 +26,9 @@ from selfplay.config import (
     to_dict,
     uses_critic,
 )
-from selfplay.critic import CRITIC_DIR, PairSource, generator_sample_fn, has_critic, init_critic, load_critic, read_preference_file
+from selfplay.critic import (
+    CRITIC_DIR, PairSource, attach_judge, generator_sample_fn, has_critic, init_critic, load_critic, read_preference_file,
+)
 from selfplay.data import DataError, PromptStream, prompt_texts, read_examples, read_prompt_rows
 from selfplay.monitors import Monitor
 from selfplay.policy import CONFIG_FILE, TOKENIZER_FILE, load_policy
@@ -188,6 +190,7 @@ def build(cfg: Config, run_dir: Path, layout: sharding.Layout) -> tuple[Setup, R
         else:  # weight 0 and `prepare` trained none: the refreshes train one from untrained
             critic = init_critic(cfg, policy.tokenizer, world=task.world, policy_params=policy.params,
                                  policy_model=policy.cfg.model, layout=layout)
+        attach_judge(critic, policy)  # critic.judge: the SFT policy (the run's reference) reads the essays
     refresh_source = None
     if critic_refreshes(cfg):  # only in the essay world: task.world is there
         critic_gen = Generator(policy, cfg.actor, batch=cfg.critic.batch_size, layout=layout)
