@@ -20,8 +20,10 @@ from safetensors.numpy import load_file, save_file
 
 from selfplay import checkpoint
 from selfplay.cli import main
-from selfplay.config import UserError, load_config
+from selfplay.checkpoint import CheckpointError
+from selfplay.config import ConfigError, UserError, load_config, save_config
 from selfplay.critic import CRITIC_DIR, PairSource, load_critic, refresh
+from selfplay.jobs.critic import train_critic
 from selfplay.jobs.import_critic import import_hf_critic
 from selfplay.models import hf
 from selfplay.policy import load_run_config
@@ -245,3 +247,15 @@ def test_bfloat16_reward_model_and_odd_tensors(policy_run, tmp_path):
     tokens, lens = np.asarray(ref["tokens"], np.int32), np.asarray(ref["attention_mask"], np.int32).sum(axis=1)
     got = np.asarray(critic.fns.score_tokens(critic.state, tokens, lens).members_kb[0])
     np.testing.assert_allclose(got, ref["scores"], atol=0.1)  # bfloat16 weights and compute: close, not exact
+
+
+def test_an_imported_reward_model_is_read_as_one_not_as_a_judge(policy_run, tmp_path):
+    run = _run(policy_run, tmp_path)
+    cfg0 = load_run_config(run)
+    save_config(dataclasses.replace(cfg0, critic=dataclasses.replace(cfg0.critic, judge=True)), run)
+    import_hf_critic(CRITICS / "llama", run)
+    assert load_run_config(run).critic.judge is False  # config.yaml's critic section fitted to the reward model
+    with pytest.raises(ConfigError, match="critic.judge=true fits a head over the policy's judgement"):
+        train_critic(load_run_config(run, ["critic.judge=true"]), run, progress=False)
+    with pytest.raises(CheckpointError, match="critic.judge: saved False, config True"):
+        _critic(run, load_run_config(run, ["critic.judge=true"]))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from selfplay import critic as C
+from selfplay.checkpoint import CheckpointError
 from selfplay.cli import main
 from selfplay.config import ConfigError, FlawRates, UserError, load_config
 from selfplay.critic.judge import FEATURES, BASE_FEATURES, Judge, JudgeHead, essay_features, fit_head, text_features
@@ -130,6 +131,8 @@ def test_the_judge_critic_ranks_held_out_pairs_and_saves_exactly(policy, tmp_pat
     after = C.score_texts(loaded, prompts, essays)
     again = C.score_texts(critic, prompts, essays)
     np.testing.assert_array_equal(after.rewards_b, again.rewards_b)
+    with pytest.raises(CheckpointError, match="critic.judge: saved True, config False"):  # its transformer never trained
+        C.load_critic(tmp_path / "critic", load_config(CONFIGS / "tiny.yaml"), policy.tokenizer, world=world)
 
 
 def test_judge_config_refusals():

@@ -96,8 +96,8 @@ def has_critic(directory: str | Path) -> bool:
 def load_critic(
     directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, world: World | None = None, layout: sharding.Layout | None = None
 ) -> Critic:
-    """The critic saved in `directory`. Shape-defining settings (critic.model, critic.ensemble_size) must match the
-    saved ones; the labeller (world labels) resumes its budget counter and random stream. With a `layout`, the
+    """The critic saved in `directory`. Shape-defining settings (critic.model, critic.ensemble_size) and critic.judge
+    (a judge's transformer was never trained) must match the saved ones; the labeller (world labels) resumes its budget counter and random stream. With a `layout`, the
     state is read straight into its shards (the restore target carries the shardings; a multi-process run needs
     it) and the critic's steps are pinned to the mesh."""
     directory = Path(directory)
@@ -112,11 +112,14 @@ def load_critic(
         saved = meta.get("critic", {})
         mismatch = [
             f"critic.{k}: saved {saved.get(k)!r}, config {v!r}"
-            for k, v in (("model", to_dict(c.model)), ("ensemble_size", c.ensemble_size))
-            if saved.get(k) != v
+            for k, v in (("model", to_dict(c.model)), ("ensemble_size", c.ensemble_size), ("judge", c.judge))
+            if saved.get(k, False if k == "judge" else None) != v
         ]
         if mismatch:
-            raise checkpoint.CheckpointError(f"the critic in {directory} was saved with other shapes: " + "; ".join(mismatch))
+            raise checkpoint.CheckpointError(
+                f"the critic in {directory} was saved with other settings: " + "; ".join(mismatch)
+                + " (set them as saved, or train a new critic in a new run directory)"
+            )
         if meta.get("format") != FORMAT_VERSION:
             raise checkpoint.CheckpointError(
                 f"the critic in {directory} has format {meta.get('format')}, this version reads {FORMAT_VERSION}; "

@@ -122,10 +122,10 @@ def load_hf_critic(src_dir: str | os.PathLike) -> tuple[ModelConfig, dict, Token
 
 
 def fit_critic(critic: CriticConfig, model: ModelConfig) -> CriticConfig:
-    """`critic` around an imported trunk: its model, one member, no init from the policy, and seq_buckets cut to the
-    model's context (the context itself when none fits)."""
+    """`critic` around an imported trunk: its model, one member, no init from the policy, read as a reward model (not
+    critic.judge), and seq_buckets cut to the model's context (the context itself when none fits)."""
     buckets = tuple(b for b in critic.seq_buckets if b <= model.max_seq_len) or (model.max_seq_len,)
-    return dataclasses.replace(critic, model=model, ensemble_size=1, init_from_policy=False, seq_buckets=buckets)
+    return dataclasses.replace(critic, model=model, ensemble_size=1, init_from_policy=False, seq_buckets=buckets, judge=False)
 
 
 def import_hf_critic(src_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:

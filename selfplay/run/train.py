@@ -122,7 +122,8 @@ def prepare(cfg: Config, run_dir: Path, *, progress: bool, console: Console, log
     if logging_process:
         save_config(cfg, run_dir)
     if need_critic:
-        log("[bold]2/3 critic[/bold]: training the reward model on labelled pairs of the policy's essays")
+        what = "fitting the self-judging critic" if cfg.critic.judge else "training the reward model"
+        log(f"[bold]2/3 critic[/bold]: {what} on labelled pairs of the policy's essays")
         train_critic(cfg, run_dir, pairs_file=cfg.run.pairs_file or None, progress=progress, log=log, console=console)
     elif cfg.run.reward_source != "critic":
         log(f"[bold]2/3 critic[/bold]: none, run.reward_source={cfg.run.reward_source} rewards without one")
