@@ -69,6 +69,12 @@ def test_round_without_refresh_counts_only_the_stages_that_ran(tmp_path, extra, 
     assert rec["flops"] == pytest.approx(sum(st["flops"] for st in rec["stages"].values()))
 
 
+def test_round_refuses_the_self_judging_critic(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    assert main(["bench", "round", "--config", TINY, "--out", str(out), *SMALL, "critic.judge=true"]) == 2
+    assert "critic.judge=true reads decoded text" in capsys.readouterr().err and not out.exists()
+
+
 def test_rss_trend_sees_a_leak_and_not_a_steady_process():
     kept = []
 

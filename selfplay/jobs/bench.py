@@ -331,6 +331,11 @@ def bench_round(cfg: Config, bcfg: BenchConfig, probe: Probe, log: Callable) -> 
     timed round; the headline figure counts it once per critic.refresh_every rounds, as the loop does. A config without
     a critic (`config.uses_critic`) has no score stage: the update gets zero rewards."""
     b, cc = bcfg, cfg.critic
+    if uses_critic(cfg) and cc.judge:
+        raise ConfigError(
+            "selfplay bench round times the critic's device work on synthetic tokens, but critic.judge=true reads "
+            "decoded text with the SFT policy (its device work is one more reference forward): set critic.judge=false"
+        )
     graphdef, params = _policy(cfg)
     policy = Policy(cfg, None, graphdef, params)  # no tokenizer: the generators get eos_ids and pad_id
     ref_params = params
