@@ -52,7 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from selfplay.jobs import generate
 
     return generate.run(args.run_dir, overrides=list(args.overrides), n=args.n, prompt=args.prompt, prompts_file=args.prompts,
-                        seed=args.seed, step=args.checkpoint)
+                        seed=args.seed, step=args.checkpoint, best_of=args.best_of)
 
 
 # --- critic ----------------------------------------------------------------------------------
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", type=int, default=None,
                      help="round whose policy writes, 0: the SFT policy (default: the latest saved round, else the SFT policy)")
+    gen.add_argument("--best-of", type=int, default=1,
+                     help="write K essays per prompt and print the one the run's critic scores highest, as a "
+                          "{prompt, completion} training example (run.ptx_file)")
     gen.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the run's config, e.g. actor.temperature=0.7")
     gen.set_defaults(fn=_cmd_generate)
 

@@ -1,7 +1,9 @@
 """The self-judging critic (critic.judge): its features against hand counts and a direct forward, the Bradley-Terry
 head against the optimality condition, the critic around it (ranking, save/load, refusals)."""
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from selfplay import critic as C
 from selfplay.checkpoint import CheckpointError
 from selfplay.cli import main
 from selfplay.config import ConfigError, FlawRates, UserError, load_config
+from selfplay.data import read_examples
 from selfplay.critic.judge import FEATURES, BASE_FEATURES, Judge, JudgeHead, essay_features, fit_head, text_features
 from selfplay.models import transformer
 from selfplay.policy import load_policy
@@ -27,9 +30,14 @@ def tiny_cfg(*overrides):
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("judge") / "run"
-    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run_dir), "--no-progress"]) == 0
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("judge") / "run"
+    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run), "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def policy(run_dir):
     return load_policy(run_dir)
 
 
@@ -142,3 +150,22 @@ def test_judge_config_refusals():
         assert culprit in str(e.value)
     with pytest.raises(ConfigError, match="critic.judge_l2 must be > 0"):
         tiny_cfg("critic.judge_l2=0")
+
+
+def test_generate_best_of_prints_the_critics_pick_as_a_training_example(run_dir, policy, tmp_path, capsys):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    judge = ["critic.judge=true", "critic.batch_size=8", "critic.seq_buckets=[128,256]"]
+    assert main(["generate", "--run-dir", str(run), "--n", "3", "--best-of", "4", *judge]) == 2
+    assert "--best-of 4 needs the run's critic" in capsys.readouterr().err
+    assert main(["critic", "train", "--run-dir", str(run), "--no-progress", "critic.label_budget=40", "critic.initial_labels=0",
+                 "critic.eval_samples=4", *judge]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run-dir", str(run), "--n", "3", "--best-of", "4", "--checkpoint", "0", *judge]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and all(len(r["critic_all"]) == 4 and r["critic"] == max(r["critic_all"]) for r in rows)
+    critic = C.load_critic(run / "critic", tiny_cfg(*judge), policy.tokenizer)
+    C.attach_judge(critic, policy)
+    again = C.score_texts(critic, [r["prompt"] for r in rows], [r["completion"] for r in rows]).rewards_b
+    np.testing.assert_allclose(again, [r["critic"] for r in rows], rtol=1e-5, atol=1e-5)
+    (tmp_path / "best.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_examples(tmp_path / "best.jsonl") == [(r["prompt"], r["completion"]) for r in rows]  # a run.ptx_file
