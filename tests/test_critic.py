@@ -29,13 +29,6 @@ def tiny_cfg(*overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("critic") / "run"
-    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run_dir), "--no-progress"]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_run):
     return Tokenizer.load(tiny_run / "tokenizer.json")
 

@@ -30,15 +30,8 @@ def tiny_cfg(*overrides):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("judge") / "run"
-    assert main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run), "--no-progress"]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def policy(run_dir):
-    return load_policy(run_dir)
+def policy(tiny_run):
+    return load_policy(tiny_run)
 
 
 def test_text_features_count_distinct_restated_values_and_repeats():
@@ -152,8 +145,8 @@ def test_judge_config_refusals():
         tiny_cfg("critic.judge_l2=0")
 
 
-def test_generate_best_of_prints_the_critics_pick_as_a_training_example(run_dir, policy, tmp_path, capsys):
-    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+def test_generate_best_of_prints_the_critics_pick_as_a_training_example(tiny_run, policy, tmp_path, capsys):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     judge = ["critic.judge=true", "critic.batch_size=8", "critic.seq_buckets=[128,256]"]
     assert main(["generate", "--run-dir", str(run), "--n", "3", "--best-of", "4", *judge]) == 2
     assert "--best-of 4 needs the run's critic" in capsys.readouterr().err

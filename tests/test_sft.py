@@ -13,14 +13,6 @@ from selfplay.policy import has_policy, load_policy
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sft") / "run"
-    rc = main(["pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--run-dir", str(run_dir), "--no-progress"])
-    assert rc == 0
-    return run_dir
-
-
 def test_pretrain_lowers_loss_and_saves(tiny_run):
     report = json.loads((tiny_run / "sft_report.json").read_text())
     assert report["heldout_ppl"] < 0.5 * report["heldout_ppl_initial"]
