@@ -97,9 +97,9 @@ def load_critic(
     directory: str | Path, cfg: Config, tokenizer: Tokenizer, *, world: World | None = None, layout: sharding.Layout | None = None
 ) -> Critic:
     """The critic saved in `directory`. Shape-defining settings (critic.model, critic.ensemble_size) and critic.judge
-    (a judge's transformer was never trained) must match the saved ones; the labeller (world labels) resumes its budget counter and random stream. With a `layout`, the
-    state is read straight into its shards (the restore target carries the shardings; a multi-process run needs
-    it) and the critic's steps are pinned to the mesh."""
+    (a judge's transformer was never trained) must match the saved ones; the labeller (world labels) resumes its
+    budget counter and random stream. With a `layout`, the state is read straight into its shards (the restore target
+    carries the shardings; a multi-process run needs it) and the critic's steps are pinned to the mesh."""
     directory = Path(directory)
     if not directory.is_dir():
         raise checkpoint.CheckpointError(f"no critic at {directory}; run `selfplay critic train` first")
