@@ -1,5 +1,5 @@
 """The self-judging critic (critic.judge): a Bradley-Terry model over what the SFT policy itself says of an essay and
-what the essay's text says against its prompt, fitted on the labelled pairs.
+what the essay's text says against its prompt, fitted on the pool's pairs.
 
 Measured on the default job's SFT policy (README, "The critic on a competent policy"): every transformer critic
 trained on its ~1100 labelled pairs ranks held-out pairs at chance (0.53-0.61 on pairs gold sets 0.05 apart), with or
@@ -14,8 +14,9 @@ learning from so few labels, only weighing:
                                 the token heads' `cover` rule), their share of the values the prompt gives, repeated
                                 sentences (the same text again), sentences.
 
-The reward is r = w . (phi - mean) / scale over these features (and each again for prompts with a fact sheet: FEATURES), w the L2-regularised logistic regression of the
-labelled training pairs' preferences on their feature differences (Newton's method, float64: deterministic), mean
+The reward is r = w . (phi - mean) / scale over these features (and each again for prompts with a fact sheet:
+FEATURES), w the L2-regularised logistic regression of the pool's training pairs' preferences (labelled, and self-made
+ones with critic.synthetic_per_label) on their feature differences (Newton's method, float64: deterministic), mean
 and scale the training essays' feature statistics. The policy is the frozen SFT policy (the run's reference), so the
 features of an essay never change while the policy trains. A judge reads text (prompt, essay), so a rollout is scored
 after it is decoded.
@@ -113,7 +114,7 @@ def essay_features(judge: Judge, prompts: Sequence[str], essays: Sequence[str], 
 
 @dataclasses.dataclass(frozen=True)
 class JudgeHead:
-    """r = w . (phi - mean) / scale; the identity-free zero head (w = 0) scores every essay 0."""
+    """r = w . (phi - mean) / scale; `zero()` (w = 0, before the first fit) scores every essay 0."""
 
     mean: np.ndarray
     scale: np.ndarray
