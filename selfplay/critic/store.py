@@ -111,9 +111,10 @@ def load_critic(
         meta = ckpt.restore_meta(step)  # meta first: a shape mismatch gets a clear message, not orbax's
         saved = meta.get("critic", {})
         mismatch = [
-            f"critic.{k}: saved {saved.get(k)!r}, config {v!r}"
-            for k, v in (("model", to_dict(c.model)), ("ensemble_size", c.ensemble_size), ("judge", c.judge))
-            if saved.get(k, False if k == "judge" else None) != v
+            f"critic.{k}: saved {saved.get(k, default)!r}, config {v!r}"
+            # a critic saved before critic.judge existed is a transformer critic
+            for k, v, default in (("model", to_dict(c.model), None), ("ensemble_size", c.ensemble_size, None), ("judge", c.judge, False))
+            if saved.get(k, default) != v
         ]
         if mismatch:
             raise checkpoint.CheckpointError(

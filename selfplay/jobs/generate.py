@@ -53,7 +53,8 @@ def run(run_dir: str | Path, *, overrides: list[str], n: int, prompt: str | None
     essays = gen.generate(prompts, jax.random.key(seed), samples_per_prompt=best_of)
     if best_of > 1:
         critic = load_critic(run_dir / CRITIC_DIR, cfg, policy.tokenizer)
-        attach_judge(critic, load_policy(run_dir, cfg))  # a judge reads with the SFT policy, whichever round writes
+        if cfg.critic.judge:  # a judge reads with the SFT policy, whichever round writes (round 0: the one writing)
+            attach_judge(critic, load_policy(run_dir, cfg) if step else policy)
         scores = np.asarray(score_texts(critic, [p for p in prompts for _ in range(best_of)], essays).rewards_b)
         for i, (p, shown_p) in enumerate(zip(prompts, shown)):
             group = scores[i * best_of : (i + 1) * best_of]
